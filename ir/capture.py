@@ -1,0 +1,295 @@
+"""Capture of one region module as joint forward + backward FX graphs.
+
+This is the ONE module of flexc that touches private torch APIs (pinned to
+torch==2.13.0); everything it returns is described with flexc's own types, so
+the rest of the compiler never imports ``torch._*``.
+
+Route (torch 2.13, transformers 5.x):
+
+1. ``dynamo_graph_capture_for_export`` traces the region with FakeTensor
+   example inputs whose token dimension is marked dynamic;
+2. ``_extract_fake_inputs`` takes Dynamo's *symbolic* fakes (passing the
+   original fakes to AOT silently gives a static graph), and
+   ``_fakify_params_buffers`` re-fakes the parameters in Dynamo's fake mode;
+3. ``aot_export_joint_with_descriptors`` builds the joint forward+backward graph
+   with input/output descriptors, and ``aot_compile_joint_with_descriptors``
+   partitions it with our ``partition_fn`` (which records the joint graph, so
+   passes can re-partition it later with :func:`partition_joint`).
+
+Invariant (tested in tests/ir/test_capture.py): run with real tensors after the
+capture has finished, the forward graph returns what the region returns and the
+backward graph returns the region's gradients, for any token count T.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import time
+from typing import Any, Optional, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+from torch import nn
+
+# ---- private torch APIs (pinned: torch==2.13.0) -------------------------------------------------
+from torch._dynamo.functional_export import dynamo_graph_capture_for_export
+from torch._export.utils import _fakify_params_buffers
+from torch._functorch._aot_autograd import descriptors as _desc
+from torch._functorch.aot_autograd import (aot_compile_joint_with_descriptors,
+                                           aot_export_joint_with_descriptors)
+from torch._functorch.partitioners import _extract_fwd_bwd_modules, default_partition
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.export._trace import _extract_fake_inputs
+from torch.fx.experimental.proxy_tensor import is_sym_node
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+__all__ = [
+    "InputRef", "OutputRef", "CapturedRegion", "capture_region", "partition_joint",
+    "fake_mode", "module_fqn", "is_sym_node", "hint", "TOKEN_SYMBOL",
+]
+
+TOKEN_SYMBOL = sympy.Symbol("T", integer=True, positive=True)
+"""The symbol every captured shape uses for the number of tokens in the flat batch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRef:
+    """What a graph placeholder is bound to at run time.
+
+    kind: ``param`` / ``buffer`` (``target`` is the FQN inside the region module),
+    ``user`` (``index`` into the region's positional arguments),
+    ``saved`` (a forward output, ``target`` is the forward node's name),
+    ``tangent`` (``index`` of the user output whose gradient it is).
+    """
+
+    kind: str
+    target: str = ""
+    index: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputRef:
+    """What a graph output means.
+
+    kind: ``user`` (``index`` of the region output), ``saved`` (kept for the
+    backward), ``grad`` (``of`` is the input the gradient belongs to), or
+    ``none`` (an input without gradient).
+    """
+
+    kind: str
+    index: int = -1
+    of: Optional[InputRef] = None
+
+
+@dataclasses.dataclass
+class CapturedRegion:
+    """Joint and partitioned graphs of one region, with flexc-typed descriptors.
+
+    ``fw`` placeholders and ``bw`` outputs carry ``meta['flexc_ref']``
+    (:class:`InputRef` / :class:`OutputRef`); ``fw`` outputs are the user
+    outputs followed by the saved values, ``bw`` placeholders are the saved
+    values (same node names as in ``fw``) followed by the tangents.
+    """
+
+    fw: fx.GraphModule
+    bw: Optional[fx.GraphModule]
+    joint: Optional[fx.GraphModule]
+    num_fwd_outputs: int
+    num_user_outputs: int
+    token_exprs: list[sympy.Expr]
+    """Expressions of the token dimension (several aliases of T); see :func:`to_token_expr`."""
+    shape_env: Any
+    seconds: dict[str, float]
+
+    def to_token_expr(self, value: Any) -> sympy.Expr:
+        """A SymInt/int -> sympy expression in :data:`TOKEN_SYMBOL` (other symbols kept as they are)."""
+        if isinstance(value, torch.SymInt):
+            expr = self.shape_env.simplify(value.node.expr)
+        else:
+            return sympy.Integer(int(value))
+        subs = {s: TOKEN_SYMBOL for t in self.token_exprs for s in t.free_symbols}
+        return sympy.simplify(expr.xreplace(subs))
+
+
+def fake_mode() -> FakeTensorMode:
+    """A FakeTensorMode in which weights of any size can be 'allocated' on the CPU device."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def hint(value: Any) -> int:
+    """Concrete example value of a SymInt (the one it had during capture), without adding guards."""
+    return int(optimization_hint(value)) if isinstance(value, torch.SymInt) else int(value)
+
+
+_FQN_RES = (
+    (re.compile(r"^L\['self'\]\.?"), ""),
+    (re.compile(r"\.?__dict__\['_modules'\]\['([^']+)'\]"), r".\1"),
+    (re.compile(r"\.?_modules\['([^']+)'\]"), r".\1"),
+    (re.compile(r"\[(\d+)\]"), r".\1"),
+)
+
+
+def module_fqn(node: fx.Node) -> str:
+    """Fully qualified name (inside the region) of the innermost module a node came from, '' if none.
+
+    Forward nodes and recomputed forward nodes carry ``nn_module_stack``,
+    backward nodes ``fwd_nn_module_stack``.
+    """
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    for rx, rep in _FQN_RES:
+        path = rx.sub(rep, path)
+    return path.lstrip(".")
+
+
+def _input_ref(desc: Any) -> InputRef:
+    if isinstance(desc, _desc.ParamAOTInput):
+        return InputRef("param", target=desc.target)
+    if isinstance(desc, _desc.BufferAOTInput):
+        return InputRef("buffer", target=desc.target)
+    if isinstance(desc, _desc.PlainAOTInput):
+        return InputRef("user", index=desc.idx)
+    if isinstance(desc, _desc.TangentAOTInput):
+        out = desc.output
+        return InputRef("tangent", index=getattr(out, "idx", -1))
+    raise NotImplementedError(f"flexc capture: unsupported graph input descriptor {desc!r}")
+
+
+def _output_ref(desc: Any) -> OutputRef:
+    if desc is None:
+        return OutputRef("none")
+    if isinstance(desc, _desc.PlainAOTOutput):
+        return OutputRef("user", index=desc.idx)
+    if isinstance(desc, (_desc.SavedForBackwardsAOTOutput, _desc.SavedForBackwardsNoVcCheckAOTOutput)):
+        return OutputRef("saved")
+    if isinstance(desc, _desc.GradAOTOutput):
+        return OutputRef("grad", of=_input_ref(desc.grad_of))
+    raise NotImplementedError(f"flexc capture: unsupported graph output descriptor {desc!r}")
+
+
+def _annotate(fw: fx.GraphModule, bw: Optional[fx.GraphModule]) -> None:
+    """Translate torch's descriptors into flexc refs on placeholders/outputs (meta['flexc_ref'])."""
+    for ph in fw.graph.find_nodes(op="placeholder"):
+        ph.meta["flexc_ref"] = _input_ref(ph.meta["desc"])
+    out = fw.graph.find_nodes(op="output")[0]
+    out.meta["flexc_ref"] = [_output_ref(d) for d in out.meta["desc"]]
+    if bw is None:
+        return
+    for ph in bw.graph.find_nodes(op="placeholder"):
+        d = ph.meta.get("desc")
+        ph.meta["flexc_ref"] = (_input_ref(d) if isinstance(d, _desc.TangentAOTInput)
+                                else InputRef("saved", target=ph.name))
+    out = bw.graph.find_nodes(op="output")[0]
+    out.meta["flexc_ref"] = [_output_ref(d) for d in out.meta["desc"]]
+
+
+def partition_joint(captured: CapturedRegion, saved_values: Sequence[fx.Node],
+                    saved_sym_nodes: Sequence[fx.Node]) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split the joint graph into forward/backward graphs that pass exactly ``saved_values``.
+
+    Any forward node the backward needs and that is computable from the saved
+    values is copied into the backward graph (that is recomputation). The
+    returned graphs carry ``flexc_ref`` annotations like the captured ones.
+    """
+    assert captured.joint is not None, "forward-only regions have nothing to partition"
+    fw, bw = _extract_fwd_bwd_modules(captured.joint, list(saved_values), saved_sym_nodes=list(saved_sym_nodes),
+                                      num_fwd_outputs=captured.num_fwd_outputs)
+    for g in (fw, bw):
+        g.graph.eliminate_dead_code()
+        g.recompile()
+    _copy_descs(captured.fw, fw)
+    _annotate(fw, bw)
+    return fw, bw
+
+
+def _copy_descs(src: fx.GraphModule, dst: fx.GraphModule) -> None:
+    # _extract_fwd_bwd_modules keeps placeholder descs but builds output descs from the joint; make sure the
+    # forward placeholders keep the same descriptors as the captured forward graph
+    by_name = {p.name: p for p in src.graph.find_nodes(op="placeholder")}
+    for ph in dst.graph.find_nodes(op="placeholder"):
+        if "desc" not in ph.meta and ph.name in by_name:
+            ph.meta["desc"] = by_name[ph.name].meta["desc"]
+
+
+def _token_exprs(gm: fx.GraphModule, shape_env: Any, token_inputs: Sequence[int]) -> list[sympy.Expr]:
+    exprs = []
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        d = ph.meta.get("desc")
+        if isinstance(d, _desc.PlainAOTInput) and d.idx in token_inputs:
+            size = ph.meta["val"].shape[0]
+            if isinstance(size, torch.SymInt):
+                exprs.append(shape_env.simplify(size.node.expr))
+    return exprs
+
+
+def capture_region(region: nn.Module, example_args: Sequence[torch.Tensor], *,
+                   dynamic_inputs: Sequence[int], token_inputs: Sequence[int],
+                   trainable: bool) -> CapturedRegion:
+    """Capture ``region(*example_args)`` as forward (+ backward) graphs with a symbolic token count.
+
+    ``example_args`` are FakeTensors (any fake mode); dim 0 of each input in
+    ``dynamic_inputs`` is symbolic, and inputs in ``token_inputs`` have the
+    token count T as dim 0. With ``trainable`` the region is captured as a
+    joint graph and partitioned with torch's default partition (passes may
+    re-partition it with :func:`partition_joint`); otherwise only a forward
+    graph is produced.
+
+    Example: a decoder layer region ``(h[T,H], cos[T,D], sin[T,D], cu[N+1])``
+    with ``dynamic_inputs=(0,1,2,3)``, ``token_inputs=(0,1,2)``.
+    """
+    seconds: dict[str, float] = {}
+    torch._dynamo.reset()   # Dynamo keeps automatic-dynamic state per code object: reset before every capture
+    for i in dynamic_inputs:
+        torch._dynamo.mark_dynamic(example_args[i], 0)
+    t0 = time.perf_counter()
+    gm = dynamo_graph_capture_for_export(region)(*example_args)
+    seconds["dynamo"] = time.perf_counter() - t0
+    dyn_mode = gm.meta["fake_mode"]
+    fake_args, _, _ = _extract_fake_inputs(gm, tuple(example_args), {})
+    fake_params = _fakify_params_buffers(dyn_mode, gm)
+
+    rec: dict[str, Any] = {}
+
+    def partition_fn(joint, joint_inputs, *, num_fwd_outputs, **kwargs):
+        rec["joint"], rec["num_fwd_outputs"] = joint, num_fwd_outputs
+        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+
+    def grab(key):
+        def compiler(g, _example_inputs):
+            rec[key] = g
+            return _boxed(g)
+        return compiler
+
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.nn.utils.stateless._reparametrize_module(
+            gm, fake_params, tie_weights=True, strict=True, stack_weights=True))
+        stack.enter_context(torch._guards.tracing(torch._guards.TracingContext(dyn_mode)))
+        grad_ctx = contextlib.nullcontext() if trainable else torch.no_grad()
+        with grad_ctx:
+            jd = aot_export_joint_with_descriptors(stack, gm, tuple(fake_args))
+            seconds["joint"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            aot_compile_joint_with_descriptors(jd, partition_fn=partition_fn,
+                                               fw_compiler=grab("fw"), bw_compiler=grab("bw"))
+    # NOTE: the graphs may only be run with real tensors after the ExitStack closed (inside it, Dynamo's
+    # fake mode silently turns real inputs into FakeTensors).
+    seconds["partition"] = time.perf_counter() - t0
+    fw, bw = rec["fw"], rec.get("bw")
+    if trainable and bw is None:
+        raise ValueError("region has nothing trainable: no parameter or input requires grad")
+    _annotate(fw, bw)
+    num_user = sum(1 for r in fw.graph.find_nodes(op="output")[0].meta["flexc_ref"] if r.kind == "user")
+    return CapturedRegion(
+        fw=fw, bw=bw, joint=rec.get("joint"), num_fwd_outputs=rec.get("num_fwd_outputs", num_user),
+        num_user_outputs=num_user, token_exprs=_token_exprs(fw, dyn_mode.shape_env, token_inputs),
+        shape_env=dyn_mode.shape_env, seconds=seconds)
+
+
+def _boxed(g: fx.GraphModule):
+    from functorch.compile import make_boxed_func
+    return make_boxed_func(g.forward)

@@ -1,0 +1,120 @@
+"""Region programs bound to a real model: the compiled graphs executed with each layer's weights.
+
+:class:`RegionRunner` is the bottom of the runtime: it runs the embed region,
+every decoder layer through its template, and the head (loss) or logits region
+over one flat batch, and the backward graphs in reverse. It reads which
+template each layer uses and the graphs' calling conventions from the compiled
+artifact; it decides nothing itself.
+
+Invariant (tests/runtime/test_regions.py): logits and LoRA gradients equal the
+eager HF+PEFT model's for the same packed batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from flexc.ir.program import RegionProgram
+from flexc.ir.regions import EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts
+
+if TYPE_CHECKING:
+    from flexc.compiler import CompiledModel
+
+__all__ = ["RegionRunner", "TrainStepResult"]
+
+_TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1), "logits": (0,)}
+
+
+@dataclasses.dataclass
+class TrainStepResult:
+    """Loss and gradients of one full forward+backward over a flat batch."""
+
+    loss_sum: torch.Tensor
+    """Summed cross-entropy over the labelled tokens (fp32 scalar)."""
+    num_tokens: int
+    """Labelled tokens (labels != -100)."""
+    grads: dict[str, torch.Tensor]
+    """Gradients by the model's parameter name (as in ``model.named_parameters()``)."""
+
+
+class RegionRunner:
+    """Runs a :class:`CompiledModel`'s region graphs with the weights of ``model`` (same structure)."""
+
+    def __init__(self, compiled: "CompiledModel", model: nn.Module):
+        self.compiled = compiled
+        self.model = model
+        lm = causal_lm_parts(model)
+        self.layers = list(lm.model.layers)
+        if len(self.layers) != len(compiled.graph.layer_regions):
+            raise ValueError(f"model has {len(self.layers)} layers, the compiled graph {len(compiled.graph.layer_regions)}")
+        self.embed = EmbedRegion(lm)
+        self.head = HeadRegion(lm)
+        self.logits_head = LogitsRegion(lm)
+        self.layer_modules = [LayerRegion(layer) for layer in self.layers]
+        self.programs = {name: RegionProgram(r.fw, r.bw, _TOKEN_INPUTS[name.split(".")[0]])
+                         for name, r in compiled.regions.items()}
+        prefix = {id(m): n for n, m in model.named_modules()}
+        self._layer_prefix = [prefix[id(layer)] for layer in self.layers]
+
+    def layer_program(self, i: int) -> RegionProgram:
+        return self.programs[self.compiled.graph.layer_regions[i]]
+
+    def embed_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
+        """ids[T], pos[T] -> h[T,H], cos[T,D], sin[T,D]."""
+        (h, cos, sin), _ = self.programs["embed"].forward(self.embed, (input_ids, position_ids))
+        return h, cos, sin
+
+    def layers_forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
+                       layers: Optional[Sequence[int]] = None, keep_saved: bool = False,
+                       on_layer: Any = None) -> tuple[torch.Tensor, list]:
+        """Run decoder layers (all by default) over h[T,H]; returns h and, if asked, each layer's saved values.
+
+        ``on_layer(i)`` is called before layer i runs (the paged-attention context uses it).
+        """
+        saved = []
+        for i in (range(len(self.layers)) if layers is None else layers):
+            if on_layer is not None:
+                on_layer(i)
+            (h,), s = self.layer_program(i).forward(self.layer_modules[i], (h, cos, sin, cu_seqlens))
+            saved.append(s if keep_saved else None)
+        return h, saved
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h[T,H] -> logits[T,V] fp32."""
+        (out,), _ = self.programs["logits"].forward(self.logits_head, (h,))
+        return out
+
+    def forward_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                       cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Full forward over a flat batch without a KV cache: ids[T] -> logits[T,V]."""
+        h, cos, sin = self.embed_forward(input_ids, position_ids)
+        h, _ = self.layers_forward(h, cos, sin, cu_seqlens)
+        return self.logits(h)
+
+    def train_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                   labels: torch.Tensor, loss_scale: Optional[float] = None) -> TrainStepResult:
+        """Forward and backward over whole sequences; gradients of ``loss_sum * loss_scale``.
+
+        ``loss_scale`` defaults to 1/num_tokens, so the gradients are those of the mean loss
+        (what ``loss.backward()`` on HF's mean cross-entropy gives).
+        """
+        h, cos, sin = self.embed_forward(input_ids, position_ids)
+        h, saved = self.layers_forward(h, cos, sin, cu_seqlens, keep_saved=True)
+        (loss_sum,), head_saved = self.programs["head"].forward(self.head, (h, labels))
+        n = int((labels != -100).sum())
+        scale = loss_scale if loss_scale is not None else 1.0 / max(n, 1)
+        grads: dict[str, torch.Tensor] = {}
+        g = self.programs["head"].backward(head_saved, [torch.tensor(scale, dtype=loss_sum.dtype)])
+        dh = g.pop("input0")
+        for i in reversed(range(len(self.layers))):
+            g = self.layer_program(i).backward(saved[i], [dh])
+            saved[i] = None
+            dh = g.pop("input0")
+            for k, v in g.items():
+                if k.startswith("input"):
+                    continue
+                grads[f"{self._layer_prefix[i]}.{k.removeprefix('layer.')}"] = v
+        return TrainStepResult(loss_sum=loss_sum, num_tokens=n, grads=grads)

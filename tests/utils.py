@@ -1,0 +1,72 @@
+"""Shared builders for tests: tiny random configs and packed batches."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+TINY = {
+    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=64,
+                    intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                    vocab_size=256, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                    sliding_window=None),
+}
+
+
+def write_config(tmp_path, arch: str = "llama", **overrides) -> str:
+    """Write a tiny config.json for ``arch`` and return its path."""
+    cfg = dict(TINY[arch], **overrides)
+    path = os.path.join(str(tmp_path), f"{arch}-config.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def randomize_lora(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """PEFT initialises lora_B to zero; give it values so adapters change outputs and lora_A gets gradients."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def packed_batch(lens, vocab: int, seed: int = 1):
+    """A flat batch of sequences: ids[T], positions[T], cu_seqlens int32[N+1], labels[T] (next token, -100 at ends)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, vocab, (n,), generator=g) for n in lens]
+    ids = torch.cat(seqs)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    labels = torch.cat([torch.cat([s[1:], torch.tensor([-100])]) for s in seqs])
+    return ids, pos, cu, labels, seqs
+
+
+def eager_peft_loss_grads(model, seqs):
+    """Reference: HF+PEFT with its own (sdpa/eager) attention, one padded-free sequence at a time, mean CE over
+    all labelled tokens, ordinary loss.backward(). Returns (logits list, grads by name)."""
+    model.zero_grad(set_to_none=True)
+    total = sum(len(s) - 1 for s in seqs)
+    logits_all = []
+    loss = 0.0
+    for s in seqs:
+        out = model(input_ids=s[None])
+        lg = out.logits[0].float()
+        logits_all.append(lg.detach())
+        loss = loss + torch.nn.functional.cross_entropy(lg[:-1], s[1:], reduction="sum")
+    (loss / total).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logits_all, grads, loss.detach()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ||a-b|| / ||b||."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
