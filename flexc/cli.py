@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 logger = logging.getLogger("flexc")
 
 _COMMANDS = {
-    # name: (module, help); each module has add_arguments(parser) and main(args) -> int
-    "compile": ("flexc.cli", "capture a model with LoRA, run the passes, write plan.json"),
+    # name: (module, help); each module has add_arguments(parser) and main(args) -> int; None: defined here
+    "compile": (None, "capture a model with LoRA, run the passes, write plan.json"),
     "inspect": ("flexc.inspect", "show a plan.json: per-region tables, memory strategies, device memory"),
     "run": ("flexc.main_job", "co-serve inference and finetuning on the embedded model (the main job)"),
 }
@@ -116,7 +116,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (mod_name, help_text) in _COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        if mod_name == __name__:
+        if mod_name is None:
             add_arguments(sp)
             sp.set_defaults(func=main_compile)
             continue

@@ -1,0 +1,57 @@
+"""flexc compile: plan.json contents, summary, and one-line exit-2 errors for bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flexc.cli import main
+from tests.utils import write_config
+
+
+def test_compile_writes_plan(tmp_path, capsys):
+    """plan.json has the schema keys; the summary names regions, parameters and pass times."""
+    cfg = write_config(tmp_path, "qwen2")
+    out = tmp_path / "plan.json"
+    assert main(["compile", cfg, "--lora-r", "8", "--lora-alpha", "16", "--lora-targets", "q_proj,down_proj",
+                 "--seq-len", "32", "-o", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    for key in ("schema_version", "model", "peft", "regions", "passes", "compile_seconds"):
+        assert key in plan
+    assert plan["peft"] == {"type": "LORA", "r": 8, "alpha": 16.0, "scaling": 2.0, "targets": ["q_proj", "down_proj"]}
+    assert plan["model"]["architecture"] == "Qwen2ForCausalLM"
+    # trainable = 3 layers x (q: 8*(64+64) + down: 8*(128+64))
+    assert plan["model"]["trainable_parameters"] == 3 * (8 * 128 + 8 * 192)
+    assert plan["layer_regions"] == ["layer.0"] * 3
+    text = capsys.readouterr().out
+    assert "regions" in text and "layer.0" in text and "trainable" in text
+
+
+def _run(args):
+    return subprocess.run([sys.executable, "-m", "flexc.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["compile", "llama-9b"], "unknown model 'llama-9b'"),
+    (["compile", "{cfg_gpt2}"], "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM"),
+    (["compile", "{cfg}", "--lora-targets", "q_proj,wq"], "LoRA target 'wq' matches no module; allowed: q_proj"),
+    (["compile", "{cfg}", "--lora-r", "0"], "LoRA rank r must be a positive integer, got 0"),
+    (["compile", "/nonexistent/dir/config.json"], "unknown model '/nonexistent/dir/config.json'"),
+    (["compile", "{bad_json}"], "cannot read config"),
+    (["compile", "{cfg}", "--dtype", "int8"], "invalid choice: 'int8'"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
+    """Bad input exits with status 2 and a single line saying what was wrong and what is allowed."""
+    cfg = write_config(tmp_path, "llama")
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    args = [a.format(cfg=cfg, cfg_gpt2=gpt2, bad_json=bad) for a in args]
+    r = _run(args + ["-o", str(tmp_path / "p.json")])
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert needle in lines[-1]
+    assert "Traceback" not in r.stderr
+    if "invalid choice" not in needle:
+        assert len(lines) == 1, r.stderr
