@@ -59,6 +59,10 @@ class RegionRunner:
         prefix = {id(m): n for n, m in model.named_modules()}
         self._layer_prefix = [prefix[id(layer)] for layer in self.layers]
 
+    def layer_prefix(self, i: int) -> str:
+        """Name prefix of decoder layer i's parameters in ``model.named_parameters()``."""
+        return self._layer_prefix[i]
+
     def layer_program(self, i: int) -> RegionProgram:
         return self.programs[self.compiled.graph.layer_regions[i]]
 

@@ -1,0 +1,132 @@
+"""Token-level finetuning: chunked forward in mixed batches + windowed backward = full-sequence gradients."""
+import pytest
+import torch
+
+import flexc
+from flexc.kernels.attention import PagedAttentionContext, paged_context
+from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.runtime.dataset import TrainingSequence
+from flexc.runtime.regions import RegionRunner
+from flexc.runtime.sequence import FinetuneSequence, make_layouts
+from tests.utils import eager_peft_loss_grads, randomize_lora, rel_err, write_config
+
+BLOCK = 4
+
+
+class _Cache:
+    """A tiny paged cache: each sequence gets its own contiguous-but-shuffled block list."""
+
+    def __init__(self, runner, num_blocks=64):
+        cfg = runner.compiled.graph.model
+        shape = (num_blocks, BLOCK, cfg["num_kv_heads"], cfg["head_dim"])
+        self.k = [torch.zeros(shape) for _ in runner.layers]
+        self.v = [torch.zeros(shape) for _ in runner.layers]
+        perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
+        self.tables = {}
+        self._free = perm
+
+    def table(self, sid, upto):
+        t = self.tables.setdefault(sid, [])
+        while len(t) * BLOCK < upto:
+            t.append(self._free.pop())
+        return t
+
+
+def _run_batch(runner, cache, chunks):
+    """chunks: list of (sid, ids, positions, FinetuneSequence or None). Runs one flat batch forward."""
+    ids = torch.tensor([i for _, c, _, _ in chunks for i in c])
+    pos = torch.tensor([p for _, _, ps, _ in chunks for p in ps])
+    lens = [len(c) for _, c, _, _ in chunks]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    tables = [cache.table(sid, ps[-1] + 1) for sid, _, ps, _ in chunks]
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
+    ctx_lens = torch.tensor([ps[0] for _, _, ps, _ in chunks], dtype=torch.int32)
+    slots = torch.tensor([tables[j][p // BLOCK] * BLOCK + p % BLOCK for j, (_, _, ps, _) in enumerate(chunks)
+                          for p in ps], dtype=torch.int64)
+    ctx = PagedAttentionContext(k_caches=cache.k, v_caches=cache.v, block_tables=bt, context_lens=ctx_lens,
+                                slot_mapping=slots)
+    with paged_context(ctx):
+        h, cos, sin = runner.embed_forward(ids, pos)
+        h, saved = runner.layers_forward(h, cos, sin, cu, keep_saved=True, on_layer=lambda i: setattr(ctx, "layer", i))
+    for j, (_, _, ps, fs) in enumerate(chunks):
+        if fs is None:
+            continue
+        rows = (int(cu[j]), int(cu[j + 1]))
+        for layer, s in enumerate(saved):
+            fs.record_layer(layer, s, rows, ps[0])
+        fs.record_output(h, rows, ps[0])
+    return h
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    src = resolve_model(write_config(tmp_path_factory.mktemp("cfg"), "llama"))
+    spec = LoraSpec(r=4, alpha=8)
+    cm = flexc.compile(src, lora=spec, seq_len=16)
+    model = load_model(src, spec, "fp32", seed=2)
+    randomize_lora(model)
+    return cm, model
+
+
+def test_chunked_mixed_windowed_equals_peft(setup):
+    """A 23-token sequence in 3 chunks, each batched with other requests' prefill/decode tokens, and its
+    backward in windows of 2 layers, gives PEFT's loss.backward() gradients (1e-4 relative)."""
+    cm, model = setup
+    runner = RegionRunner(cm, model)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 256, (23,), generator=g).tolist()
+    labels = ids[1:] + [-100]
+    labels[:5] = [-100] * 5                                      # prompt part without loss
+    seq = TrainingSequence(tuple(ids), tuple(labels))
+    n_loss = seq.num_loss_tokens
+    fs = FinetuneSequence(seq, make_layouts(runner), loss_scale=1.0 / n_loss, seq_id="ft")
+    cache = _Cache(runner)
+    other = torch.randint(0, 256, (30,), generator=g).tolist()
+    plan = [(9, [(0, 6)]), (8, [(6, 13)]), (6, [(13, 14), (14, 15)])]   # ft chunk size, other request chunks
+    for n, others in plan:
+        start, cids, cpos = fs.next_chunk(n)
+        chunks = [("inf", other[a:b], list(range(a, b)), None) for a, b in others[:1]]
+        chunks.insert(1 if start else 0, ("ft", cids, cpos, fs))
+        _run_batch(runner, cache, chunks)
+    assert fs.in_backward
+    grads, loss = {}, None
+    while not fs.done:
+        res = fs.backward_window(runner, 2)
+        assert len(res.layers) <= 2
+        loss = res.loss_sum if res.loss_sum is not None else loss
+        for k, v in res.grads.items():
+            grads[k] = grads.get(k, 0) + v
+    # reference: PEFT with HF attention on the whole sequence, mean loss over the labelled tokens
+    model.get_base_model().set_attn_implementation("sdpa")
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=torch.tensor([ids]))
+    ref_loss = torch.nn.functional.cross_entropy(out.logits[0], torch.tensor(labels), ignore_index=-100,
+                                                 reduction="sum")
+    (ref_loss / n_loss).backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    model.get_base_model().set_attn_implementation("flexc")
+    assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    assert set(grads) == set(ref)
+    for k in ref:
+        assert rel_err(grads[k], ref[k]) < 1e-4, k
+    model.zero_grad(set_to_none=True)
+
+
+def test_store_holds_only_token_rows(setup):
+    """The store keeps one buffer per distinct saved token tensor, sized by the sequence length."""
+    cm, model = setup
+    runner = RegionRunner(cm, model)
+    seq = TrainingSequence(tuple(range(1, 11)), tuple(range(2, 11)) + (-100,))
+    fs = FinetuneSequence(seq, make_layouts(runner), 0.1)
+    cache = _Cache(runner)
+    _, cids, cpos = fs.next_chunk(10)
+    _run_batch(runner, cache, [("ft", cids, cpos, fs)])
+    per_layer = fs.store.nbytes() / 3
+    fs2 = FinetuneSequence(TrainingSequence(tuple(range(1, 21)), tuple(range(2, 21)) + (-100,)),
+                           make_layouts(runner), 0.1)
+    _, cids, cpos = fs2.next_chunk(20)
+    _run_batch(runner, _Cache(runner), [("ft2", cids, cpos, fs2)])
+    assert fs2.store.nbytes() == 2 * fs.store.nbytes() and per_layer > 0
+    with pytest.raises(ValueError, match="forward covered"):
+        FinetuneSequence(seq, make_layouts(runner), 0.1).backward_window(runner, 1)
