@@ -69,4 +69,5 @@ def eager_peft_loss_grads(model, seqs):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ||a-b|| / ||b||."""
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
