@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["compile", "CompiledModel", "SCHEMA_VERSION", "DEFAULT_PASSES", "REGION_TOKEN_INPUTS"]
 
 SCHEMA_VERSION = 1
-DEFAULT_PASSES: tuple[str, ...] = ()
+DEFAULT_PASSES: tuple[str, ...] = ("prune", "memory")
 """Built-in pipeline run before user passes (the prune/memory/parallelize passes register here)."""
 
 REGION_TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1), "logits": (0,)}
@@ -62,6 +62,8 @@ class CompiledModel:
             "layer_regions": list(self.graph.layer_regions),
             "passes": [p.to_dict() for p in self.passes],
             "compile_seconds": round(self.compile_seconds, 3),
+            **({"memory": mem[-1].to_dict()["report"]} if (mem := [p for p in self.passes if p.name == "memory"])
+               else {}),
         }
 
     def save_plan(self, path: str) -> None:

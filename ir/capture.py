@@ -201,6 +201,10 @@ def partition_joint(captured: CapturedRegion, saved_values: Sequence[fx.Node],
     for g in (fw, bw):
         g.graph.eliminate_dead_code()
         g.recompile()
+        # the extracted placeholders share their meta dicts with the joint graph's: give each its own, so that
+        # annotating a saved primal (a norm weight, cu_seqlens) as "saved" cannot rewrite its forward binding
+        for ph in g.graph.find_nodes(op="placeholder"):
+            ph.meta = dict(ph.meta)
     _copy_descs(captured.fw, fw)
     _annotate(fw, bw)
     return fw, bw

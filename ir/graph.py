@@ -20,10 +20,27 @@ import torch.fx as fx
 
 from flexc.ir.capture import CapturedRegion, module_fqn, TOKEN_SYMBOL
 
-__all__ = ["Role", "NodeInfo", "RegionGraph", "CompiledGraph", "NODE_INFO", "annotate", "alias_root", "VIEW_OPS"]
+__all__ = ["Role", "NodeInfo", "RegionGraph", "CompiledGraph", "NODE_INFO", "annotate", "alias_root", "VIEW_OPS",
+           "Decision", "DECISION", "node_flops"]
 
 NODE_INFO = "flexc_info"
 """The meta key ``annotate`` writes (a :class:`NodeInfo`)."""
+
+
+DECISION = "flexc_decision"
+"""The meta key the prune pass writes on every forward node of a partitioned region (a :class:`Decision`);
+it travels with the node into the forward graph and, for recomputed nodes, into the backward graph."""
+
+
+class Decision(str, enum.Enum):
+    """What the partition does with one forward value (written by the prune pass under :data:`DECISION`)."""
+
+    SAVE = "save"
+    """Kept from the forward for the backward (costs its storage's bytes between forward and backward)."""
+    RECOMPUTE = "recompute"
+    """Computed again in the backward from saved values (costs its FLOPs once more)."""
+    DROP = "drop"
+    """Not needed by the backward: freed after its last forward use."""
 
 
 class Role(str, enum.Enum):
@@ -71,7 +88,7 @@ VIEW_OPS = frozenset({
     "aten._unsafe_view.default", "aten.expand.default", "aten.alias.default", "aten.reshape.default",
     "aten.unsqueeze.default", "aten.select.int", "aten.slice.Tensor", "aten.squeeze.dim",
     "aten.detach.default", "aten.squeeze.default", "aten.as_strided.default", "aten.split.Tensor",
-    "aten.unbind.int", "_operator.getitem",
+    "aten.unbind.int",
 })
 _MM_OPS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
 _ROTARY_OPS = {"aten.mul.Tensor", "aten.neg.default", "aten.cat.default", "aten.add.Tensor"}
@@ -92,6 +109,8 @@ def _role(n: fx.Node, fqn: str, region: str) -> Role:
     target = str(n.target)
     if "flexc.attention" in target:
         return Role.ATTENTION
+    if "flexc.linear_cross_entropy" in target:      # lm_head matmul and loss fused, chunk by chunk
+        return Role.LM_HEAD
     parts = fqn.split(".")
     if "lora_A" in parts:
         return Role.ADAPTER_A
@@ -137,9 +156,21 @@ def _flops(n: fx.Node, cap: CapturedRegion, out_shape: Optional[tuple]) -> sympy
         t, hq, d = (cap.to_token_expr(s) for s in q.meta["val"].shape)
         fwd = 2 * t * t * hq * d       # causal QK^T and PV over one sequence of T tokens (upper bound)
         return fwd * 5 // 2 if "backward" in target else fwd
+    if "flexc.linear_cross_entropy" in target:
+        t, h = (cap.to_token_expr(s) for s in n.args[0].meta["val"].shape)
+        v = cap.to_token_expr(n.args[1].meta["val"].shape[0])
+        return 4 * t * h * v           # logits (2*T*H*V) and their input gradient (2*T*H*V), chunk by chunk
     if target in VIEW_OPS:
         return sympy.Integer(0)
     return _numel(out_shape)
+
+
+def node_flops(n: fx.Node, cap: CapturedRegion) -> sympy.Expr:
+    """FLOPs of one node of any of the region's graphs (joint included), sympy in T; see :class:`NodeInfo`."""
+    val = n.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        val = val[0] if val and isinstance(val[0], torch.Tensor) else None
+    return _flops(n, cap, _shape(cap, val))
 
 
 def _shape(cap: CapturedRegion, val: Any) -> Optional[tuple]:
@@ -150,11 +181,12 @@ def _shape(cap: CapturedRegion, val: Any) -> Optional[tuple]:
 
 def _info(n: fx.Node, cap: CapturedRegion, region: str, phase: str) -> NodeInfo:
     val = n.meta.get("val")
-    if isinstance(val, (tuple, list)):
+    multi = isinstance(val, (tuple, list))
+    if multi:   # a multi-output op: its getitem users own (and count) the bytes of each output
         val = val[0] if val and isinstance(val[0], torch.Tensor) else None
     fqn = module_fqn(n)
     shape = _shape(cap, val)
-    is_view = n.op == "call_function" and str(n.target) in VIEW_OPS
+    is_view = multi or (n.op == "call_function" and str(n.target) in VIEW_OPS)
     nbytes = (_numel(shape) * val.element_size() if shape is not None and not is_view else sympy.Integer(0))
     return NodeInfo(role=_role(n, fqn, region), phase=phase, module=fqn, layer=None,
                     dtype=str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else None,

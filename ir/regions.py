@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from flexc.kernels.cross_entropy import default_chunk
 
 __all__ = ["EmbedRegion", "LayerRegion", "HeadRegion", "LogitsRegion", "causal_lm_parts", "layer_signature"]
 
@@ -63,6 +64,8 @@ class HeadRegion(nn.Module):
 
     ``labels[t]`` is the token that position t must predict (already shifted), -100 to skip.
     Summing (not averaging) lets the loss of a sequence split into chunks add up exactly.
+    Same value and gradients as ``F.cross_entropy(lm_head(norm(h)).float(), labels, reduction="sum")``,
+    without saving the fp32 logits for the backward (see ``flexc.kernels.cross_entropy``).
     """
 
     def __init__(self, lm: nn.Module):
@@ -71,8 +74,15 @@ class HeadRegion(nn.Module):
         self.lm_head = lm.lm_head
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor):
-        logits = self.lm_head(self.norm(h[None]))[0].float()          # [T, V]
-        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        # NOTE: full [T, V] fp32 logits are never kept for the backward: flexc::linear_cross_entropy computes
+        # the loss and its input gradient chunk by chunk in the forward (kernels/cross_entropy.py)
+        weight = self.lm_head.weight
+        if weight.requires_grad or getattr(self.lm_head, "bias", None) is not None:
+            raise ValueError("the flexc head needs a frozen lm_head without bias (train adapters on the decoder "
+                             "layers, not on lm_head)")
+        x = self.norm(h[None])[0]                                      # [T, H]
+        loss_sum, _dx = torch.ops.flexc.linear_cross_entropy(x, weight, labels, default_chunk(weight.shape[0]))
+        return loss_sum
 
 
 class LogitsRegion(nn.Module):

@@ -1,0 +1,185 @@
+"""``flexc inspect plan.json``: the memory plan as tables, a chart, or JSON.
+
+Three tables: per trainable region what the installed partition saves (tensors
+with shapes, bytes per token) and recomputes (FLOPs); the strategies side by
+side (bytes, reduction against autograd, recompute as a fraction of training
+FLOPs); the device-memory breakdown. ``--png FILE`` draws the strategies and the
+breakdown (matplotlib, Agg backend); ``--json`` prints the same content as JSON.
+A file that is not a flexc plan (or is damaged) is a ``ValueError`` saying why.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+__all__ = ["add_arguments", "main", "load_plan", "summarize", "format_tables", "write_png"]
+
+_SCHEMA_VERSION = 1
+_GIB = 2**30
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("plan", help="plan.json written by flexc compile")
+    p.add_argument("--png", metavar="FILE", default=None, help="also draw strategies and device memory to FILE")
+    p.add_argument("--json", action="store_true", help="print the tables as JSON instead of text")
+
+
+def load_plan(path: str) -> dict:
+    """Read and check a plan.json; ValueError naming what is wrong with it."""
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a flexc plan (invalid JSON at line {e.lineno}: {e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a flexc plan (not a text file)") from e
+    if not isinstance(plan, dict) or "schema_version" not in plan:
+        raise ValueError(f"{path}: not a flexc plan (no schema_version; write one with 'flexc compile')")
+    if plan["schema_version"] != _SCHEMA_VERSION:
+        raise ValueError(f"{path}: plan schema_version {plan['schema_version']!r} is not supported "
+                         f"(this flexc reads version {_SCHEMA_VERSION})")
+    mem = plan.get("memory")
+    if not isinstance(mem, dict):
+        raise ValueError(f"{path}: plan has no memory plan (compile with the built-in passes 'prune' and "
+                         "'memory', and with LoRA)")
+    for key in ("strategies", "regions", "breakdown", "seq_len"):
+        if key not in mem:
+            raise ValueError(f"{path}: damaged plan: memory.{key} is missing")
+    for name, s in mem["strategies"].items():
+        if not isinstance(s, dict) or not {"activation_bytes", "recompute_flops"} <= set(s):
+            raise ValueError(f"{path}: damaged plan: memory.strategies.{name} lacks activation_bytes/recompute_flops")
+    return plan
+
+
+def _prune_report(plan: dict) -> dict:
+    for rec in plan.get("passes", []):
+        if isinstance(rec, dict) and rec.get("name") == "prune" and isinstance(rec.get("report"), dict):
+            return rec["report"]
+    return {}
+
+
+def summarize(plan: dict) -> dict:
+    """The three tables as plain data."""
+    mem = plan["memory"]
+    prune = _prune_report(plan)
+    installed = mem.get("installed", "pruned_remat")
+    regions = []
+    for name, info in mem["regions"].items():
+        chosen = prune.get("regions", {}).get(name, {}).get(installed, {})
+        regions.append({
+            "region": name, "layers": info.get("num_layers", 1),
+            "saved_bytes_per_token": chosen.get("saved_bytes_per_token"),
+            "recompute_flops": chosen.get("recompute_flops_at_seq_len"),
+            "forward_peak_bytes": info.get("forward_peak_bytes"), "backward_peak_bytes": info.get("backward_peak_bytes"),
+            "saved": [{"name": s["name"], "shape": s["shape"], "dtype": s["dtype"], "kind": s["kind"],
+                       "bytes_per_token": s["bytes_per_token"]} for s in chosen.get("saved", [])],
+        })
+    strategies = {name: {"activation_bytes": s["activation_bytes"],
+                         "bytes_per_token": s.get("activation_bytes_per_token"),
+                         "reduction_vs_autograd": s.get("reduction_vs_autograd"),
+                         "recompute_flops": s["recompute_flops"], "recompute_fraction": s.get("recompute_fraction")}
+                  for name, s in mem["strategies"].items()}
+    return {"model": plan.get("model", {}).get("name"), "seq_len": mem["seq_len"], "installed": installed,
+            "regions": regions, "strategies": strategies, "breakdown": mem["breakdown"],
+            "device_memory": mem.get("device_memory"), "kv_tokens_for_inference": mem.get("kv_tokens_for_inference"),
+            "kv_cache_bytes_per_token": mem.get("kv_cache_bytes_per_token")}
+
+
+def _size(n: Any) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, div in (("GiB", _GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _flops(n: Any) -> str:
+    if not n:
+        return "0"
+    n = float(n)
+    for unit, div in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def format_tables(s: dict) -> str:
+    """Text tables of :func:`summarize`'s data."""
+    out = [f"memory plan of {s['model']} for one {s['seq_len']}-token finetuning sequence "
+           f"(installed: {s['installed']})", ""]
+    for r in s["regions"]:
+        out.append(f"region {r['region']} (x{r['layers']}): saves {_size(r['saved_bytes_per_token'])}/token, "
+                   f"recomputes {_flops(r['recompute_flops'])}, transient peak fw {_size(r['forward_peak_bytes'])} "
+                   f"bw {_size(r['backward_peak_bytes'])}")
+        out.append(f"  {'saved tensor':<16} {'shape':<22} {'dtype':<9} {'kind':<10} {'bytes/token':>12}")
+        for t in r["saved"]:
+            shape = "[" + ", ".join(t["shape"]) + "]"
+            out.append(f"  {t['name']:<16} {shape:<22} {t['dtype']:<9} {t['kind']:<10} {t['bytes_per_token']:>12.1f}")
+        out.append("")
+    out.append(f"{'strategy':<14} {'activations':>12} {'bytes/token':>12} {'vs autograd':>12} {'recompute':>14} "
+               f"{'of training':>12}")
+    for name, st in s["strategies"].items():
+        red = st["reduction_vs_autograd"]
+        frac = st["recompute_fraction"]
+        out.append(f"{name:<14} {_size(st['activation_bytes']):>12} {st['bytes_per_token'] or 0:>12.0f} "
+                   f"{(1 - red) * 100 if red is not None else 0:>11.1f}% {_flops(st['recompute_flops']):>14} "
+                   f"{(frac or 0) * 100:>11.1f}%")
+    out.append("")
+    dev = s["device_memory"]
+    out.append("device memory" + (f" ({_size(dev)})" if dev else " (no --device-memory given)"))
+    for part, n in s["breakdown"].items():
+        out.append(f"  {part:<18} {_size(n):>12}")
+    if s["kv_tokens_for_inference"] is not None:
+        out.append(f"  KV cache tokens left for inference: {s['kv_tokens_for_inference']:,} "
+                   f"({_size(s['kv_cache_bytes_per_token'])}/token)")
+    return "\n".join(out)
+
+
+def write_png(s: dict, path: str) -> None:
+    """Bar chart of the strategies' activation memory and the device-memory breakdown."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = list(s["strategies"])           # empty for a plan without adapters
+    vals = [s["strategies"][n]["activation_bytes"] / _GIB for n in names]
+    bars = ax1.bar(names, vals, color=["#999999", "#6baed6", "#3182bd", "#08519c"][:len(names)])
+    for b, n in zip(bars, names):
+        frac = s["strategies"][n]["recompute_fraction"] or 0
+        ax1.annotate(f"{_size(s['strategies'][n]['activation_bytes'])}\n+{frac * 100:.0f}% FLOPs", (b.get_x() + b.get_width() / 2,
+                     b.get_height()), ha="center", va="bottom", fontsize=8)
+    ax1.set_ylim(0, max(vals + [1e-9]) * 1.18)
+    ax1.set_ylabel("GiB kept for the backward")
+    ax1.set_title(f"{os.path.basename(str(s['model']))}: activations of one {s['seq_len']}-token sequence", fontsize=9)
+    bottom = 0.0
+    for part, n in s["breakdown"].items():
+        ax2.bar(["device memory"], [n / _GIB], bottom=bottom, label=f"{part} ({_size(n)})")
+        bottom += n / _GIB
+    ax2.set_ylabel("GiB")
+    ax2.set_title(f"breakdown (installed: {s['installed']})", fontsize=9)
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    plan = load_plan(args.plan)
+    s = summarize(plan)
+    if args.png:
+        out_dir = os.path.dirname(os.path.abspath(args.png))
+        if not os.path.isdir(out_dir):
+            raise ValueError(f"cannot write {args.png}: directory {out_dir} does not exist")
+        write_png(s, args.png)
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print(format_tables(s))
+        if args.png:
+            print(f"wrote {args.png}")
+    return 0

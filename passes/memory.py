@@ -1,0 +1,341 @@
+"""The ``memory`` pass: the memory plan of finetuning, predicted from the graphs and checkable on tensors.
+
+What it reports (``plan.json`` under ``memory``):
+
+* per trainable region, the bytes kept between forward and backward per
+  finetuning token (sympy in T) for the installed partition, and the transient
+  peak of its forward and backward graph by liveness (intermediates only);
+* the strategies side by side at the compile's ``seq_len``: ``autograd`` (what
+  PyTorch autograd keeps for the HF+PEFT model), ``checkpoint``, ``pruned``,
+  ``pruned_remat``, each with ``activation_bytes`` and ``recompute_flops``;
+* KV cache bytes per token, adapter weights, gradients and AdamW state (two
+  fp32 moments), base weights and, given ``device_memory``, how many KV-cache
+  tokens are left for inference next to one finetuning sequence.
+
+Measured, not only predicted: :func:`measure_saved_bytes` runs region graphs on
+real tensors and counts the storages they hold for the backward, and
+:func:`measure_autograd_bytes` counts what autograd holds for the eager HF+PEFT
+model through ``torch.autograd.graph.saved_tensors_hooks``. Invariant
+(tests/passes/test_memory.py): predictions equal measurements within 2%.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from flexc.ir.capture import TOKEN_SYMBOL, is_sym_node
+from flexc.ir.graph import CompiledGraph
+from flexc.ir.program import RegionProgram
+from flexc.ir.regions import EmbedRegion, HeadRegion, LayerRegion, causal_lm_parts
+from flexc.passes.manager import PassContext, register_pass
+from flexc.passes.prune import STRATEGIES, PruneReport, RegionPlan, evaluate, storage_root
+
+if TYPE_CHECKING:
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["memory", "MemoryReport", "StrategyMemory", "RegionMemory", "model_saved_bytes", "liveness_peak",
+           "measure_saved_bytes", "measure_autograd_bytes", "Measured"]
+
+_TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1)}
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclasses.dataclass(kw_only=True)
+class StrategyMemory:
+    """One strategy for the whole model at the compile's seq_len."""
+
+    activation_bytes: int
+    """Bytes kept for the backward of one seq_len-token sequence (all layers, head, shared inputs once)."""
+    activation_bytes_per_token: float
+    bytes_expr: str
+    """The same as a sympy expression of T."""
+    recompute_flops: int
+    """FLOPs computed again in the backward at seq_len."""
+    recompute_fraction: float
+    """recompute_flops / train_flops."""
+    train_flops: int
+    """Forward + backward FLOPs of one seq_len-token sequence without recompute."""
+    reduction_vs_autograd: float
+    """1 - activation_bytes / autograd's activation_bytes."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class RegionMemory:
+    """The installed partition of one trainable region."""
+
+    num_layers: int
+    """Decoder layers running this region (1 for the head)."""
+    saved_bytes_per_token: str
+    """sympy expression (bytes / T) of what one run keeps for the backward."""
+    forward_peak: str
+    """Transient peak of the forward graph by liveness (intermediates, outputs excluded), sympy in T."""
+    backward_peak: str
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+
+
+@dataclasses.dataclass(kw_only=True)
+class MemoryReport:
+    """The memory plan (``plan.json['memory']``); bytes are at the compile's seq_len unless said otherwise."""
+
+    modified: bool = False
+    seq_len: int
+    installed: str
+    """Strategy whose graphs the compiled model runs (the prune pass's choice)."""
+    strategies: dict[str, StrategyMemory]
+    regions: dict[str, RegionMemory]
+    kv_cache_bytes_per_token: int
+    """K and V of all layers for one token, in the paged cache (inference and finetuning tokens alike)."""
+    finetune_kv_cache_bytes: int
+    """K/V of the finetuning sequence (seq_len tokens): kept in the paged cache until its backward ran,
+    because its later chunks attend to them (token-level finetuning)."""
+    adapter_parameters: int
+    adapter_weight_bytes: int
+    adapter_grad_bytes: int
+    """fp32 gradient buffers."""
+    optimizer_bytes: int
+    """AdamW: two fp32 moments per adapter parameter."""
+    base_weight_bytes: int
+    transient_peak_bytes: int
+    """Largest forward/backward transient peak of any region."""
+    device_memory: Optional[int]
+    kv_tokens_for_inference: Optional[int]
+    """KV-cache tokens that fit next to everything above (installed strategy), None without device_memory."""
+    breakdown: dict[str, int]
+    """Device memory use by part (bytes): base weights, adapters, gradients, optimizer, activations,
+    transient, the finetuning sequence's K/V, KV cache for inference, free."""
+
+
+# ---------------------------------------------------------------------------------------------- predictions
+def model_saved_bytes(graph: CompiledGraph, plans: dict[str, dict[str, RegionPlan]], strategy: str) -> sympy.Expr:
+    """Bytes one T-token sequence keeps for the backward under ``strategy``, whole model, sympy in T.
+
+    Layers multiply their template's bytes (autograd: the first layer has its own, smaller set because
+    the frozen embedding needs no input gradient); shared inputs (cos, sin, cu_seqlens) count once.
+    """
+    total, shared = sympy.Integer(0), sympy.Integer(0)
+    for name, members in graph.layer_templates().items():
+        if name not in plans:
+            continue
+        plan = plans[name][strategy]
+        if plan.first_layer_bytes is not None and 0 in members:
+            total += (len(members) - 1) * plan.saved_bytes + plan.first_layer_bytes
+        else:
+            total += len(members) * plan.saved_bytes
+        shared = plan.shared_bytes      # the same cos/sin/cu tensors feed every template
+    for name, by_strategy in plans.items():
+        if not name.startswith("layer."):
+            total += by_strategy[strategy].saved_bytes
+    return sympy.expand(total + shared)
+
+
+def _model_flops(graph: CompiledGraph, plans: dict[str, dict[str, RegionPlan]], strategy: str, attr: str):
+    total = sympy.Integer(0)
+    templates = graph.layer_templates()
+    for name, by_strategy in plans.items():
+        total += len(templates.get(name, [0])) * getattr(by_strategy[strategy], attr)
+    return sympy.expand(total)
+
+
+def liveness_peak(gm: fx.GraphModule, nbytes: Any) -> tuple[sympy.Expr, int, int]:
+    """Transient peak of a graph: the most bytes of intermediates (not inputs, not outputs) alive at once.
+
+    ``nbytes(node) -> (sympy expr, value)`` sizes a storage-owning node. Returns (expr, value, node index).
+    """
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    out = nodes[-1]
+    outputs = {storage_root(a) for a in out.all_input_nodes}
+    last: dict[fx.Node, int] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            r = storage_root(a)
+            last[r] = max(last.get(r, 0), index[n])
+    live: dict[fx.Node, tuple[sympy.Expr, int]] = {}
+    best = (sympy.Integer(0), 0, 0)
+    for i, n in enumerate(nodes):
+        if n.op == "call_function" and storage_root(n) is n and n not in outputs and not is_sym_node(n) \
+                and isinstance(n.meta.get("val"), torch.Tensor):
+            live[n] = nbytes(n)
+        cur = sum(v for _, v in live.values())
+        if cur > best[1]:
+            best = (sympy.expand(sum((e for e, _ in live.values()), sympy.Integer(0))), cur, i)
+        for r in [r for r in live if last.get(r, 0) <= i]:
+            del live[r]
+    return best
+
+
+def _sizer(region: Any, seq_len: int):
+    cap = region.captured
+
+    def nbytes(n: fx.Node) -> tuple[sympy.Expr, int]:
+        v = n.meta["val"]
+        e = sympy.Integer(v.element_size())
+        for d in v.shape:
+            e *= cap.to_token_expr(d)
+        return e, int(evaluate(e, seq_len))
+    return nbytes
+
+
+@register_pass("memory", requires=("prune",))
+def memory(graph: CompiledGraph, ctx: PassContext) -> MemoryReport:
+    """Memory plan from the prune pass's saved sets and the installed graphs."""
+    prune: PruneReport = ctx.results["prune"]
+    seq_len = int(ctx.options.get("seq_len", prune.seq_len))
+    plans = prune.regions          # empty without adapters: an inference-only plan (weights and KV cache)
+    m = graph.model
+    dtype_bytes = _DTYPE_BYTES.get(m.get("dtype", "bf16"), 2)
+
+    train = _model_flops(graph, plans, "pruned", "train_flops")
+    train_at = evaluate(train, seq_len)
+    strategies: dict[str, StrategyMemory] = {}
+    for s in STRATEGIES if plans else ():
+        expr = model_saved_bytes(graph, plans, s)
+        act = int(evaluate(expr, seq_len))
+        rec = evaluate(_model_flops(graph, plans, s, "recompute_flops"), seq_len)
+        strategies[s] = StrategyMemory(activation_bytes=act, activation_bytes_per_token=act / seq_len,
+                                       bytes_expr=str(expr), recompute_flops=int(rec),
+                                       recompute_fraction=rec / train_at if train_at else 0.0,
+                                       train_flops=int(train_at), reduction_vs_autograd=0.0)
+    base = strategies["autograd"].activation_bytes if plans else 0
+    for s in strategies.values():
+        s.reduction_vs_autograd = 1 - s.activation_bytes / base if base else 0.0
+
+    regions: dict[str, RegionMemory] = {}
+    templates = graph.layer_templates()
+    for name in plans:
+        r = graph.regions[name]
+        size = _sizer(r, seq_len)
+        fe, fv, _ = liveness_peak(r.fw, size)
+        be, bv, _ = liveness_peak(r.bw, size)
+        saved = plans[name][prune.installed].saved_bytes
+        regions[name] = RegionMemory(num_layers=len(templates.get(name, [0])),
+                                     saved_bytes_per_token=str(sympy.simplify(saved / TOKEN_SYMBOL)),
+                                     forward_peak=str(fe), backward_peak=str(be),
+                                     forward_peak_bytes=fv, backward_peak_bytes=bv)
+
+    kv = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * dtype_bytes
+    adapters = int(m.get("trainable_parameters", 0))
+    adapter_bytes = adapters * 4               # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
+    base_weights = (int(m.get("parameters", 0)) - adapters) * dtype_bytes
+    transient = max([max(x.forward_peak_bytes, x.backward_peak_bytes) for x in regions.values()] or [0])
+    act = strategies[prune.installed].activation_bytes if plans else 0
+    breakdown = {"base_weights": base_weights, "adapter_weights": adapter_bytes, "adapter_grads": adapters * 4,
+                 "optimizer": adapters * 8, "activations": act, "transient": transient,
+                 "finetune_kv_cache": seq_len * kv if plans else 0}
+    device = ctx.options.get("device_memory")
+    tokens = None
+    if device is not None:
+        if not isinstance(device, int) or device <= 0:
+            raise ValueError(f"device_memory must be a positive number of bytes, got {device!r}")
+        free = device - sum(breakdown.values())
+        tokens = max(free, 0) // kv
+        breakdown["kv_cache"] = tokens * kv
+        breakdown["free"] = max(free, 0) - tokens * kv
+        if free < 0:
+            logger.warning("device memory %d B is %d B short of weights, adapters and one finetuning sequence",
+                           device, -free)
+    logger.info("memory: %s keeps %.1f MiB for a %d-token sequence (autograd %.1f MiB)", prune.installed,
+                act / 2**20, seq_len, base / 2**20)
+    return MemoryReport(seq_len=seq_len, installed=prune.installed, strategies=strategies, regions=regions,
+                        kv_cache_bytes_per_token=kv, finetune_kv_cache_bytes=breakdown["finetune_kv_cache"],
+                        adapter_parameters=adapters, adapter_weight_bytes=adapter_bytes,
+                        adapter_grad_bytes=adapters * 4, optimizer_bytes=adapters * 8,
+                        base_weight_bytes=base_weights, transient_peak_bytes=transient, device_memory=device,
+                        kv_tokens_for_inference=tokens, breakdown=breakdown)
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+@dataclasses.dataclass(kw_only=True)
+class Measured:
+    """What running graphs on real tensors held for the backward, and what the backward gave."""
+
+    saved_bytes: int
+    """Distinct storages kept between forward and backward (parameters excluded)."""
+    loss_sum: torch.Tensor
+    grads: dict[str, torch.Tensor]
+    """Adapter gradients of the mean loss, by the model's parameter name."""
+
+
+def _distinct_bytes(tensors: Sequence[Any], exclude: set[int]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            if st.data_ptr() not in exclude:
+                seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def measure_saved_bytes(graph: CompiledGraph, graphs: dict[str, tuple[fx.GraphModule, fx.GraphModule]],
+                        model: "nn.Module", batch: Sequence[torch.Tensor]) -> Measured:
+    """Run embed, every layer and the head with ``graphs`` (region name -> (fw, bw); others: installed) on
+    ``batch = (ids[T], pos[T], cu_seqlens[N+1], labels[T])``, count the storages the forward graphs return
+    for the backward (deduplicated, weights excluded), then run the backward.
+    """
+    ids, pos, cu, labels = batch
+    lm = causal_lm_parts(model)
+    layers = list(lm.model.layers)
+    progs = {}
+    for name, r in graph.regions.items():
+        kind = name.split(".")[0]
+        if kind in _TOKEN_INPUTS:
+            fw, bw = graphs.get(name, (r.fw, r.bw))
+            progs[name] = RegionProgram(fw, bw, _TOKEN_INPUTS[kind])
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    (h, cos, sin), _ = progs["embed"].forward(EmbedRegion(lm), (ids, pos))
+    saved = []
+    for i, layer in enumerate(layers):
+        (h,), s = progs[graph.layer_regions[i]].forward(LayerRegion(layer), (h, cos, sin, cu))
+        saved.append(s)
+    head = HeadRegion(lm)
+    (loss_sum,), head_saved = progs["head"].forward(head, (h, labels))
+    held = _distinct_bytes([t for s in saved for t in s] + list(head_saved), params)
+
+    prefix = {id(m): n for n, m in model.named_modules()}
+    n_tok = max(int((labels != -100).sum()), 1)
+    g = progs["head"].backward(head_saved, [torch.tensor(1.0 / n_tok, dtype=loss_sum.dtype)])
+    dh = g.pop("input0")
+    grads: dict[str, torch.Tensor] = {}
+    for i in reversed(range(len(layers))):
+        g = progs[graph.layer_regions[i]].backward(saved[i], [dh])
+        saved[i] = None
+        dh = g.pop("input0")
+        for k, v in g.items():
+            if not k.startswith("input"):
+                grads[f"{prefix[id(layers[i])]}.{k.removeprefix('layer.')}"] = v
+    return Measured(saved_bytes=held, loss_sum=loss_sum, grads=grads)
+
+
+def measure_autograd_bytes(model: "nn.Module", batch: Sequence[torch.Tensor]) -> Measured:
+    """What PyTorch autograd holds for the eager HF+PEFT model on a packed batch (saved-tensor hooks),
+    with the loss as HF computes it: summed cross-entropy of the fp32 logits. Runs the backward too.
+    """
+    ids, pos, cu, labels = batch
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    packed: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(t)
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids[None], position_ids=pos[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                    max_length_q=int((cu[1:] - cu[:-1]).max()), max_length_k=int((cu[1:] - cu[:-1]).max()))
+        loss_sum = F.cross_entropy(out.logits[0].float(), labels, ignore_index=-100, reduction="sum")
+    held = _distinct_bytes(packed, params)
+    del out, packed
+    n_tok = max(int((labels != -100).sum()), 1)
+    (loss_sum / n_tok).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return Measured(saved_bytes=held, loss_sum=loss_sum.detach(), grads=grads)
