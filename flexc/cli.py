@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes per token (or 'max'/'min') the prune pass may keep for the backward")
     p.add_argument("--device-memory", type=_size, default=None, help="device memory for the plan, e.g. 80GiB")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--tp-plan", default=None, help="JSON base TP plan {module pattern: colwise|rowwise|replicate}")
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="run a user pass after the built-ins (repeatable; also a registered name or entry point)")
     p.add_argument("-o", "--output", default="plan.json", help="where to write plan.json (default ./plan.json)")
@@ -78,6 +79,8 @@ def _summary(cm) -> str:
         lines.append("passes")
         for rec in cm.passes:
             lines.append(f"  {rec.name:<22} {rec.seconds:7.3f} s")
+        for rec in cm.passes:   # a pass report may add its own section (parallelize: the tp plan)
+            lines.extend(getattr(rec.report, "summary_lines", lambda: [])())
     lines.append(f"compiled in {cm.compile_seconds:.2f} s")
     return "\n".join(lines)
 
@@ -96,6 +99,8 @@ def main_compile(args: argparse.Namespace) -> int:
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
     options = {"tp": args.tp}
+    if args.tp_plan is not None:
+        options["tp_plan"] = args.tp_plan
     if args.activation_budget is not None:
         options["activation_budget"] = args.activation_budget
     if args.device_memory is not None:

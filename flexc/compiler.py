@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["compile", "CompiledModel", "SCHEMA_VERSION", "DEFAULT_PASSES", "REGION_TOKEN_INPUTS"]
 
 SCHEMA_VERSION = 1
-DEFAULT_PASSES: tuple[str, ...] = ("prune", "memory")
+DEFAULT_PASSES: tuple[str, ...] = ("prune", "memory", "parallelize")
 """Built-in pipeline run before user passes (the prune/memory/parallelize passes register here)."""
 
 REGION_TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1), "logits": (0,)}

@@ -1,0 +1,299 @@
+"""Tensor-parallel execution of the compiled region graphs on torch.distributed.
+
+Ranks are started by ``torchrun`` (:func:`init_tp` reads its environment) or,
+for tests and examples, by :func:`spawn` (torch.multiprocessing on 127.0.0.1).
+The backend is gloo on CPU and NCCL on GPU. Rank 0 schedules and sends each
+batch to the others (:func:`broadcast_batch`); every rank runs the sharded
+forward/backward graphs the ``parallelize`` pass built (``report.sharded``),
+whose functional collectives (``torch.ops._c10d_functional``) do the
+communication, with only its own shards of the decoder-layer weights
+(:func:`load_sharded_model` reads just those slices from safetensors files;
+:func:`layer_shards` cuts them from a model in memory; embedding and head stay
+replicated).
+
+The order of setting up one rank, as in torchtitan's ``parallelize``:
+
+1. init the process group (:func:`init_tp`), one tensor-parallel group = the world;
+2. bind the sharded graphs' collectives to that group (:func:`flexc.ir.parallel.bind_group`);
+3. cut each layer's weights to this rank's shards (the plan's ``placements``);
+4. run regions exactly as :class:`flexc.runtime.regions.RegionRunner` does.
+
+Invariant (tests/runtime/test_distributed.py): logits and LoRA gradients on tp
+ranks equal the single-process run's (each rank's gradient is its shard).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flexc.ir.parallel import Placement, Replicate, Shard
+from flexc.ir.sharded import bind_group
+from flexc.ir.program import RegionProgram
+from flexc.ir.regions import EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts
+from flexc.runtime.regions import TrainStepResult
+
+if TYPE_CHECKING:
+    from flexc.compiler import CompiledModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ParallelDims", "init_tp", "spawn", "broadcast_batch", "shard_tensor", "layer_shards", "TPRegionRunner",
+           "load_sharded_model"]
+
+_TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1), "logits": (0,)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParallelDims:
+    """Layout of this process in the tensor-parallel group (tp spans the world for now)."""
+
+    tp: int
+    """Tensor-parallel degree = number of ranks."""
+    rank: int
+    """This process's rank in the group, 0..tp-1."""
+    backend: str
+    """``gloo`` (CPU) or ``nccl`` (GPU)."""
+    group_name: str
+    """Name of the process group the graphs' collectives use."""
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or not 0 <= self.rank < self.tp:
+            raise ValueError(f"rank {self.rank} is not in a tensor-parallel group of {self.tp}")
+
+
+def init_tp(tp: Optional[int] = None, backend: Optional[str] = None) -> ParallelDims:
+    """Join (or create) the default process group from the torchrun environment; tp must equal the world size."""
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":   # NOTE: pick the device before the group exists, so NCCL binds to it
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))))
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    world = dist.get_world_size()
+    if tp is not None and tp != world:
+        raise ValueError(f"tp={tp} but the world has {world} ranks; flexc runs tensor parallelism over the world")
+    return ParallelDims(tp=world, rank=dist.get_rank(), backend=dist.get_backend(),
+                        group_name=dist.group.WORLD.group_name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_entry(rank: int, fn: Callable, tp: int, port: int, backend: str, args: tuple, threads: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(tp),
+                      LOCAL_RANK=str(rank))
+    if threads:
+        torch.set_num_threads(threads)
+    dims = init_tp(tp, backend)
+    try:
+        fn(dims, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., Any], tp: int, *args: Any, backend: str = "gloo", start_method: str = "spawn",
+          threads: int = 0) -> None:
+    """Run ``fn(dims, *args)`` on ``tp`` local processes (127.0.0.1); an exception in any rank is re-raised.
+
+    ``start_method="fork"`` (CPU only) hands ``args`` to the ranks without pickling, e.g. a compiled
+    model built once in the parent; ``threads`` sets each rank's intra-op threads (0: torch's default).
+    """
+    import torch.multiprocessing as mp
+    mp.start_processes(_spawn_entry, args=(fn, tp, _free_port(), backend, args, threads), nprocs=tp, join=True,
+                       start_method=start_method)
+
+
+def broadcast_batch(dims: ParallelDims, batch: Optional[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Rank 0's batch description (a dict of CPU tensors) on every rank; other ranks pass None."""
+    box = [batch if dims.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_tensor(t: torch.Tensor, placement: Placement, rank: int, tp: int) -> torch.Tensor:
+    """Rank ``rank``'s part of a whole tensor (a contiguous copy for shards, the tensor itself if replicated)."""
+    if isinstance(placement, Shard):
+        if t.shape[placement.dim] % tp:
+            raise ValueError(f"dim {placement.dim} of size {t.shape[placement.dim]} does not split over {tp} ranks")
+        return t.chunk(tp, placement.dim)[rank].contiguous()
+    return t
+
+
+class _LocalParams:
+    """What :meth:`RegionProgram.bind` needs from a module: parameters and buffers by FQN."""
+
+    def __init__(self, params: dict[str, torch.Tensor], buffers: Optional[dict[str, torch.Tensor]] = None):
+        self.params, self.buffers = params, buffers or {}
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        return self.params[name]
+
+    def get_buffer(self, name: str) -> torch.Tensor:
+        return self.buffers[name]
+
+
+def layer_shards(region: nn.Module, placements: dict[str, Placement], rank: int, tp: int) -> _LocalParams:
+    """This rank's shards of one region module's parameters (FQN inside the region -> tensor)."""
+    params = {}
+    for name, p in region.named_parameters():
+        params[name] = shard_tensor(p.detach(), placements.get(name, Replicate()), rank, tp)
+    buffers = {name: b for name, b in region.named_buffers()}
+    return _LocalParams(params, buffers)
+
+
+def _shard_slices(shape: Sequence[int], placement: Placement, rank: int, tp: int) -> tuple:
+    if not isinstance(placement, Shard):
+        return tuple(slice(None) for _ in shape)
+    size = shape[placement.dim] // tp
+    return tuple(slice(rank * size, (rank + 1) * size) if d == placement.dim else slice(None)
+                 for d in range(len(shape)))
+
+
+def load_sharded_model(compiled: "CompiledModel", path: str, dims: ParallelDims,
+                       adapter_state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The PEFT model with this rank's shards only: decoder-layer base weights are read slice by slice from
+    the safetensors files of the Hugging Face directory ``path`` (``safe_open(...).get_slice``), everything
+    else whole; adapter weights come from ``adapter_state`` (PEFT parameter name -> whole tensor) and are cut.
+
+    Pass the result to :class:`TPRegionRunner` with ``sharded=True``.
+    """
+    import glob
+    from peft import get_peft_model
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path}: no .safetensors files to load shards from")
+    where = {}
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            where.update({k: f for k in sf.keys()})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(compiled.source.config, dtype=dtype)
+        model = get_peft_model(model, compiled.lora.to_peft()) if compiled.lora is not None else model
+    plan = _Placements(compiled, model)
+    for name, p in list(model.named_parameters()):
+        placement = plan.placement(name)
+        if name in adapter_state:
+            t = shard_tensor(adapter_state[name].to(p.dtype), placement, dims.rank, dims.tp)
+        else:
+            key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            if key not in where:
+                raise ValueError(f"{path}: no tensor {key!r} for parameter {name!r}")
+            with safe_open(where[key], framework="pt") as sf:
+                sl = sf.get_slice(key)
+                t = sl[_shard_slices(sl.get_shape(), placement, dims.rank, dims.tp)].to(p.dtype)
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        mod._parameters[attr] = nn.Parameter(t.contiguous(), requires_grad=p.requires_grad)
+    rotary = causal_lm_parts(model).model
+    rotary.rotary_emb = type(rotary.rotary_emb)(config=compiled.source.config)   # its tables: computed, not loaded
+    return model
+
+
+class _Placements:
+    """Placement of a model parameter (by ``model.named_parameters()`` name) in a compiled TP plan."""
+
+    def __init__(self, compiled: "CompiledModel", model: nn.Module):
+        self.compiled = compiled
+        self.report = _parallel_report(compiled)
+        lm = causal_lm_parts(model)
+        prefix = {id(m): n for n, m in model.named_modules()}
+        self.layer_prefix = [prefix[id(layer)] for layer in lm.model.layers]
+
+    def placement(self, param_name: str) -> Placement:
+        for i, pre in enumerate(self.layer_prefix):
+            if param_name.startswith(pre + "."):
+                fqn = "layer." + param_name[len(pre) + 1:]
+                return self.report.placements[self.compiled.graph.layer_regions[i]].get(fqn, Replicate())
+        return Replicate()
+
+
+def _parallel_report(compiled: "CompiledModel") -> Any:
+    for rec in compiled.passes:
+        if rec.name == "parallelize":
+            return rec.report
+    raise ValueError("the compiled model has no 'parallelize' pass record; compile with tp>1 and the pass")
+
+
+class TPRegionRunner:
+    """Runs a :class:`CompiledModel`'s sharded region graphs on one rank of a tensor-parallel group.
+
+    ``model`` provides the weights; only this rank's shards of the decoder layers are kept
+    (``self.layer_params``). Gradients come back as local shards, by the model's parameter names.
+    """
+
+    def __init__(self, compiled: "CompiledModel", model: nn.Module, dims: ParallelDims, sharded: bool = False):
+        report = _parallel_report(compiled)
+        if report.tp != dims.tp:
+            raise ValueError(f"compiled for tp={report.tp}, running on {dims.tp} ranks")
+        self.compiled, self.dims, self.report = compiled, dims, report
+        lm = causal_lm_parts(model)
+        self.layers = list(lm.model.layers)
+        self.embed, self.head, self.logits_head = EmbedRegion(lm), HeadRegion(lm), LogitsRegion(lm)
+        self.programs: dict[str, RegionProgram] = {}
+        for name in compiled.regions:
+            fw, bw = report.sharded[name]
+            bind_group(fw, dims.group_name)
+            if bw is not None:
+                bind_group(bw, dims.group_name)
+            self.programs[name] = RegionProgram(fw, bw, _TOKEN_INPUTS[name.split(".")[0]])
+        layer_regions = compiled.graph.layer_regions
+        # NOTE: each rank keeps only its shards of the layer weights (replicated ones are shared, not copied);
+        # a model from load_sharded_model already holds them (sharded=True)
+        self.layer_params = [layer_shards(LayerRegion(layer), {} if sharded else report.placements[layer_regions[i]],
+                                          dims.rank, dims.tp) for i, layer in enumerate(self.layers)]
+        self._plan = _Placements(compiled, model)
+        self._layer_prefix = self._plan.layer_prefix
+
+    def placement(self, param_name: str) -> Placement:
+        """Placement of a model parameter (by ``model.named_parameters()`` name) in this plan."""
+        return self._plan.placement(param_name)
+
+    def _layer(self, i: int) -> RegionProgram:
+        return self.programs[self.compiled.graph.layer_regions[i]]
+
+    def _layers_forward(self, h, cos, sin, cu, keep_saved: bool):
+        saved = []
+        for i in range(len(self.layers)):
+            (h,), s = self._layer(i).forward(self.layer_params[i], (h, cos, sin, cu))
+            saved.append(s if keep_saved else None)
+        return h, saved
+
+    def forward_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                       cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Full forward over a flat batch: ids[T] -> logits[T,V] fp32 (replicated on every rank)."""
+        (h, cos, sin), _ = self.programs["embed"].forward(self.embed, (input_ids, position_ids))
+        h, _ = self._layers_forward(h, cos, sin, cu_seqlens, False)
+        (out,), _ = self.programs["logits"].forward(self.logits_head, (h,))
+        return out
+
+    def train_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                   labels: torch.Tensor, loss_scale: Optional[float] = None) -> TrainStepResult:
+        """Forward and backward over whole sequences; gradients (local shards) of ``loss_sum * loss_scale``."""
+        (h, cos, sin), _ = self.programs["embed"].forward(self.embed, (input_ids, position_ids))
+        h, saved = self._layers_forward(h, cos, sin, cu_seqlens, True)
+        (loss_sum,), head_saved = self.programs["head"].forward(self.head, (h, labels))
+        n = int((labels != -100).sum())
+        scale = loss_scale if loss_scale is not None else 1.0 / max(n, 1)
+        grads: dict[str, torch.Tensor] = {}
+        g = self.programs["head"].backward(head_saved, [torch.tensor(scale, dtype=loss_sum.dtype)])
+        dh = g.pop("input0")
+        for i in reversed(range(len(self.layers))):
+            g = self._layer(i).backward(saved[i], [dh])
+            saved[i] = None
+            dh = g.pop("input0")
+            for k, v in g.items():
+                if not k.startswith("input"):
+                    grads[f"{self._layer_prefix[i]}.{k.removeprefix('layer.')}"] = v
+        return TrainStepResult(loss_sum=loss_sum, num_tokens=n, grads=grads)
