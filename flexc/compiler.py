@@ -17,20 +17,19 @@ import torch
 
 from flexc.ir.capture import capture_region, fake_mode
 from flexc.ir.graph import CompiledGraph, RegionGraph, annotate
-from flexc.ir.regions import EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts, layer_signature
+from flexc.ir.regions import (TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts,
+                              layer_signature)
 from flexc.models import DEFAULT_MODEL, LoraSpec, ModelSource, build_fake_model, parse_dtype, resolve_model
 from flexc.passes.manager import PassContext, PassManager, PassRecord
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compile", "CompiledModel", "SCHEMA_VERSION", "DEFAULT_PASSES", "REGION_TOKEN_INPUTS"]
+__all__ = ["compile", "CompiledModel", "SCHEMA_VERSION", "DEFAULT_PASSES"]
 
 SCHEMA_VERSION = 1
 DEFAULT_PASSES: tuple[str, ...] = ("prune", "memory", "parallelize")
 """Built-in pipeline run before user passes (the prune/memory/parallelize passes register here)."""
 
-REGION_TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1), "logits": (0,)}
-"""Which user inputs of each region kind have the token count T as dim 0."""
 
 
 @dataclasses.dataclass
@@ -113,7 +112,7 @@ def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str, seq
 
     def add(name: str, kind: str, module, args, grad: bool, layers=()):
         t0 = time.perf_counter()
-        cap = capture_region(module, args, dynamic_inputs=range(len(args)), token_inputs=REGION_TOKEN_INPUTS[kind],
+        cap = capture_region(module, args, dynamic_inputs=range(len(args)), token_inputs=TOKEN_INPUTS[kind],
                              trainable=grad)
         regions[name] = annotate(RegionGraph(name=name, captured=cap, layers=list(layers)))
         logger.info("captured %s in %.2f s (%d fw nodes)", name, time.perf_counter() - t0, len(cap.fw.graph.nodes))

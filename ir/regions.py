@@ -20,7 +20,11 @@ from torch import nn
 
 from flexc.kernels.cross_entropy import default_chunk
 
-__all__ = ["EmbedRegion", "LayerRegion", "HeadRegion", "LogitsRegion", "causal_lm_parts", "layer_signature"]
+__all__ = ["EmbedRegion", "LayerRegion", "HeadRegion", "LogitsRegion", "causal_lm_parts", "layer_signature",
+           "TOKEN_INPUTS"]
+
+TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1), "logits": (0,)}
+"""Per region kind, the user inputs whose dim 0 is the token count T."""
 
 
 def causal_lm_parts(model: nn.Module) -> nn.Module:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from flexc.ir.capture import TOKEN_SYMBOL, is_sym_node
 from flexc.ir.graph import CompiledGraph
 from flexc.ir.program import RegionProgram
-from flexc.ir.regions import EmbedRegion, HeadRegion, LayerRegion, causal_lm_parts
+from flexc.ir.regions import TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion, causal_lm_parts
 from flexc.passes.manager import PassContext, register_pass
 from flexc.passes.prune import STRATEGIES, PruneReport, RegionPlan, evaluate, storage_root
 
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["memory", "MemoryReport", "StrategyMemory", "RegionMemory", "model_saved_bytes", "liveness_peak",
            "measure_saved_bytes", "measure_autograd_bytes", "Measured"]
 
-_TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1)}
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -287,9 +286,9 @@ def measure_saved_bytes(graph: CompiledGraph, graphs: dict[str, tuple[fx.GraphMo
     progs = {}
     for name, r in graph.regions.items():
         kind = name.split(".")[0]
-        if kind in _TOKEN_INPUTS:
+        if kind != "logits":
             fw, bw = graphs.get(name, (r.fw, r.bw))
-            progs[name] = RegionProgram(fw, bw, _TOKEN_INPUTS[kind])
+            progs[name] = RegionProgram(fw, bw, TOKEN_INPUTS[kind])
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     (h, cos, sin), _ = progs["embed"].forward(EmbedRegion(lm), (ids, pos))
     saved = []

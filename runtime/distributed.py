@@ -36,8 +36,8 @@ from torch import nn
 from flexc.ir.parallel import Placement, Replicate, Shard
 from flexc.ir.sharded import bind_group
 from flexc.ir.program import RegionProgram
-from flexc.ir.regions import EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts
-from flexc.runtime.regions import TrainStepResult
+from flexc.ir.regions import TOKEN_INPUTS, LayerRegion, causal_lm_parts
+from flexc.runtime.regions import RegionRunner
 
 if TYPE_CHECKING:
     from flexc.compiler import CompiledModel
@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["ParallelDims", "init_tp", "spawn", "broadcast_batch", "shard_tensor", "layer_shards", "TPRegionRunner",
            "load_sharded_model"]
 
-_TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1), "logits": (0,)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -226,74 +225,35 @@ def _parallel_report(compiled: "CompiledModel") -> Any:
     raise ValueError("the compiled model has no 'parallelize' pass record; compile with tp>1 and the pass")
 
 
-class TPRegionRunner:
+class TPRegionRunner(RegionRunner):
     """Runs a :class:`CompiledModel`'s sharded region graphs on one rank of a tensor-parallel group.
 
     ``model`` provides the weights; only this rank's shards of the decoder layers are kept
-    (``self.layer_params``). Gradients come back as local shards, by the model's parameter names.
+    (``self.layer_params``). Gradients come back as local shards, by the model's parameter names; everything
+    else (forward_logits, train_step) is :class:`RegionRunner`'s, run with the sharded programs.
     """
 
     def __init__(self, compiled: "CompiledModel", model: nn.Module, dims: ParallelDims, sharded: bool = False):
         report = _parallel_report(compiled)
         if report.tp != dims.tp:
             raise ValueError(f"compiled for tp={report.tp}, running on {dims.tp} ranks")
-        self.compiled, self.dims, self.report = compiled, dims, report
-        lm = causal_lm_parts(model)
-        self.layers = list(lm.model.layers)
-        self.embed, self.head, self.logits_head = EmbedRegion(lm), HeadRegion(lm), LogitsRegion(lm)
-        self.programs: dict[str, RegionProgram] = {}
+        self.dims, self.report = dims, report
+        programs: dict[str, RegionProgram] = {}
         for name in compiled.regions:
             fw, bw = report.sharded[name]
             bind_group(fw, dims.group_name)
             if bw is not None:
                 bind_group(bw, dims.group_name)
-            self.programs[name] = RegionProgram(fw, bw, _TOKEN_INPUTS[name.split(".")[0]])
+            programs[name] = RegionProgram(fw, bw, TOKEN_INPUTS[name.split(".")[0]])
+        layers = causal_lm_parts(model).model.layers
         layer_regions = compiled.graph.layer_regions
         # NOTE: each rank keeps only its shards of the layer weights (replicated ones are shared, not copied);
         # a model from load_sharded_model already holds them (sharded=True)
         self.layer_params = [layer_shards(LayerRegion(layer), {} if sharded else report.placements[layer_regions[i]],
-                                          dims.rank, dims.tp) for i, layer in enumerate(self.layers)]
+                                          dims.rank, dims.tp) for i, layer in enumerate(layers)]
+        super().__init__(compiled, model, programs=programs, layer_modules=self.layer_params)
         self._plan = _Placements(compiled, model)
-        self._layer_prefix = self._plan.layer_prefix
 
     def placement(self, param_name: str) -> Placement:
         """Placement of a model parameter (by ``model.named_parameters()`` name) in this plan."""
         return self._plan.placement(param_name)
-
-    def _layer(self, i: int) -> RegionProgram:
-        return self.programs[self.compiled.graph.layer_regions[i]]
-
-    def _layers_forward(self, h, cos, sin, cu, keep_saved: bool):
-        saved = []
-        for i in range(len(self.layers)):
-            (h,), s = self._layer(i).forward(self.layer_params[i], (h, cos, sin, cu))
-            saved.append(s if keep_saved else None)
-        return h, saved
-
-    def forward_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                       cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """Full forward over a flat batch: ids[T] -> logits[T,V] fp32 (replicated on every rank)."""
-        (h, cos, sin), _ = self.programs["embed"].forward(self.embed, (input_ids, position_ids))
-        h, _ = self._layers_forward(h, cos, sin, cu_seqlens, False)
-        (out,), _ = self.programs["logits"].forward(self.logits_head, (h,))
-        return out
-
-    def train_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                   labels: torch.Tensor, loss_scale: Optional[float] = None) -> TrainStepResult:
-        """Forward and backward over whole sequences; gradients (local shards) of ``loss_sum * loss_scale``."""
-        (h, cos, sin), _ = self.programs["embed"].forward(self.embed, (input_ids, position_ids))
-        h, saved = self._layers_forward(h, cos, sin, cu_seqlens, True)
-        (loss_sum,), head_saved = self.programs["head"].forward(self.head, (h, labels))
-        n = int((labels != -100).sum())
-        scale = loss_scale if loss_scale is not None else 1.0 / max(n, 1)
-        grads: dict[str, torch.Tensor] = {}
-        g = self.programs["head"].backward(head_saved, [torch.tensor(scale, dtype=loss_sum.dtype)])
-        dh = g.pop("input0")
-        for i in reversed(range(len(self.layers))):
-            g = self._layer(i).backward(saved[i], [dh])
-            saved[i] = None
-            dh = g.pop("input0")
-            for k, v in g.items():
-                if not k.startswith("input"):
-                    grads[f"{self._layer_prefix[i]}.{k.removeprefix('layer.')}"] = v
-        return TrainStepResult(loss_sum=loss_sum, num_tokens=n, grads=grads)

@@ -18,14 +18,13 @@ import torch
 from torch import nn
 
 from flexc.ir.program import RegionProgram
-from flexc.ir.regions import EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts
+from flexc.ir.regions import TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts
 
 if TYPE_CHECKING:
     from flexc.compiler import CompiledModel
 
 __all__ = ["RegionRunner", "TrainStepResult"]
 
-_TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1), "logits": (0,)}
 
 
 @dataclasses.dataclass
@@ -43,7 +42,10 @@ class TrainStepResult:
 class RegionRunner:
     """Runs a :class:`CompiledModel`'s region graphs with the weights of ``model`` (same structure)."""
 
-    def __init__(self, compiled: "CompiledModel", model: nn.Module):
+    def __init__(self, compiled: "CompiledModel", model: nn.Module,
+                 programs: Optional[dict[str, RegionProgram]] = None, layer_modules: Optional[Sequence[Any]] = None):
+        """``programs`` (per region) and ``layer_modules`` (what each layer's parameters are bound from) default
+        to the compiled graphs and the model's own layers; the tensor-parallel runner passes its shards."""
         self.compiled = compiled
         self.model = model
         lm = causal_lm_parts(model)
@@ -53,9 +55,10 @@ class RegionRunner:
         self.embed = EmbedRegion(lm)
         self.head = HeadRegion(lm)
         self.logits_head = LogitsRegion(lm)
-        self.layer_modules = [LayerRegion(layer) for layer in self.layers]
-        self.programs = {name: RegionProgram(r.fw, r.bw, _TOKEN_INPUTS[name.split(".")[0]])
-                         for name, r in compiled.regions.items()}
+        self.layer_modules = (list(layer_modules) if layer_modules is not None
+                              else [LayerRegion(layer) for layer in self.layers])
+        self.programs = programs if programs is not None else {
+            name: RegionProgram(r.fw, r.bw, TOKEN_INPUTS[name.split(".")[0]]) for name, r in compiled.regions.items()}
         prefix = {id(m): n for n, m in model.named_modules()}
         self._layer_prefix = [prefix[id(layer)] for layer in self.layers]
 
