@@ -8,6 +8,7 @@ Python API::
 """
 from flexc.compiler import CompiledModel, compile
 from flexc.models import LoraSpec, resolve_model
+from flexc.runtime.engine import Engine
 
 __all__ = ["compile", "CompiledModel", "LoraSpec", "resolve_model"]
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ of the user inputs and that every token input has the same length.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -67,11 +67,20 @@ class RegionProgram:
                 if isinstance(want, int) and want != got:
                     raise ValueError(f"region input {i}: dim {d} must be {want}, got {got}")
 
-    def bind(self, module: nn.Module, args: Sequence[Any]) -> list[Any]:
-        """Placeholder values: parameters/buffers of ``module`` by FQN, then the user arguments."""
+    def bind(self, module: nn.Module, args: Sequence[Any],
+             overrides: Optional[Mapping[str, torch.Tensor]] = None) -> list[Any]:
+        """Placeholder values: parameters/buffers of ``module`` by FQN, then the user arguments.
+
+        ``overrides`` maps a parameter FQN (inside the region) to the tensor bound instead of the module's
+        own, e.g. ``{"layer.self_attn.q_proj.lora_B.default.weight": other_adapters_B}`` (how the runtime
+        runs one layer template with another adapter's weights).
+        """
         vals = []
         for r in self.fw_inputs:
             if r.kind == "param":
+                if overrides is not None and r.target in overrides:
+                    vals.append(overrides[r.target])
+                    continue
                 vals.append(module.get_parameter(r.target))
             elif r.kind == "buffer":
                 vals.append(module.get_buffer(r.target))

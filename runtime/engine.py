@@ -1,0 +1,385 @@
+"""The serving engine: submit requests, step the loop, stream tokens, generate.
+
+One :meth:`Engine.step` is vLLM's ``EngineCore.step``: the scheduler builds one
+flat batch, the executor runs it through the compiled regions, the scheduler
+applies the sampled tokens. :meth:`Engine.generate` is that loop until the
+given prompts finish; :meth:`Engine.submit` / :meth:`Engine.step` /
+:meth:`Engine.stream` are the streaming API an HTTP server sits on.
+
+    engine = flexc.Engine.from_pretrained("smollm2-135m", lora=flexc.LoraSpec(r=8), max_adapters=4)
+    engine.load_adapter("math", "/path/to/peft_adapter_dir")
+    out = engine.generate(["What is 2+2?", [1, 504, 33]], max_new_tokens=32, adapter="math")
+    out[0].text, out[0].token_ids, out[0].ttft, out[0].tpot
+
+Greedy at temperature 0 gives the tokens of transformers ``generate(do_sample=False)``.
+A bad request (empty prompt, prompt not shorter than the context, unknown
+adapter, max_new_tokens <= 0, ...) raises ``ValueError`` from ``submit``; in
+``generate`` it gets a result with ``error`` set while the others complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from flexc.runtime.adapters import AdapterRegistry
+from flexc.runtime.batch import SamplingParams
+from flexc.runtime.executor import ATTENTION_MODES, Executor, make_kv_spec
+from flexc.runtime.kv_cache import KVCacheManager, make_num_blocks
+from flexc.runtime.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulingPolicy
+
+if TYPE_CHECKING:
+    from flexc.compiler import CompiledModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineConfig", "GenerationResult", "TokenEvent"]
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclasses.dataclass(kw_only=True)
+class EngineConfig:
+    """Serving limits of one engine."""
+
+    kv_cache_tokens: Optional[int] = None
+    """Tokens the paged KV cache holds (all sequences together); default 16384 unless kv_cache_bytes is given."""
+    kv_cache_bytes: Optional[int] = None
+    """Alternative to kv_cache_tokens: a memory budget in bytes for the cache."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    token_budget: int = 512
+    """Tokens per iteration (decodes + prefill chunks)."""
+    max_num_seqs: int = 256
+    """Sequences per iteration."""
+    max_adapters: int = 8
+    """LoRA adapters resident at once."""
+    attention: str = "batched"
+    """``batched`` (one batched call for all decode tokens, CPU fast path) or ``op`` (flexc::attention as
+    captured)."""
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
+            raise ValueError("give kv_cache_tokens or kv_cache_bytes, not both")
+        if self.kv_cache_tokens is None and self.kv_cache_bytes is None:
+            self.kv_cache_tokens = 16384
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class GenerationResult:
+    """One finished request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    """Generated tokens (EOS / the stop token included when it ended the request)."""
+    text: str
+    """Decoded generated text (cut before a stop string); '' without a tokenizer."""
+    finish_reason: str
+    """``stop`` (EOS, stop token or string), ``length`` (max_new_tokens or context), ``abort`` or ``error``."""
+    ttft: float
+    """Time to first token in seconds, from submission (queueing included)."""
+    tpot: float
+    """Time per output token after the first, in seconds (0 for a single token)."""
+    adapter: Optional[str] = None
+    num_preemptions: int = 0
+    error: Optional[str] = None
+    """Why the request was refused (then token_ids is empty)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class TokenEvent:
+    """A token produced for a request by one step."""
+
+    request_id: str
+    token_id: int
+    finished: bool
+    finish_reason: Optional[str] = None
+
+
+@dataclasses.dataclass
+class _Tracked:
+    req: Request
+    submitted: float
+    stop_strings: tuple[str, ...]
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: Optional[str] = None
+    text_cut: Optional[int] = None
+
+
+def _as_lora_spec(lora: Any):
+    from flexc.models import LoraSpec
+    if lora is None or lora is False:
+        return None
+    if lora is True:
+        return LoraSpec()
+    if isinstance(lora, LoraSpec):
+        return lora
+    if isinstance(lora, dict):
+        return LoraSpec(**lora)
+    return LoraSpec.from_peft(lora)
+
+
+class Engine:
+    """Continuous-batching inference over a compiled model with many resident LoRA adapters."""
+
+    def __init__(self, compiled: "CompiledModel", model: nn.Module, *, tokenizer: Any = None,
+                 config: Optional[EngineConfig] = None, policy: Optional[SchedulingPolicy] = None):
+        self.config = config or EngineConfig()
+        self.compiled = compiled
+        self.model = model
+        self.tokenizer = tokenizer
+        hf_cfg = compiled.source.config
+        self.max_model_len = int(getattr(hf_cfg, "max_position_embeddings", None) or compiled.seq_len)
+        self.vocab_size = int(compiled.graph.model["vocab_size"])
+        dtype = next(model.parameters()).dtype
+        kv_spec = make_kv_spec(compiled, dtype, self.config.block_size)
+        num_blocks = make_num_blocks(kv_spec, num_tokens=self.config.kv_cache_tokens,
+                                     memory_budget=self.config.kv_cache_bytes)
+        self.adapters = AdapterRegistry(compiled.lora, model, self.config.max_adapters)
+        self.kv = KVCacheManager(num_blocks, kv_spec.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(token_budget=self.config.token_budget,
+                                                   max_num_seqs=self.config.max_num_seqs,
+                                                   max_model_len=self.max_model_len), self.kv, policy)
+        self.executor = Executor(compiled, model, kv_spec=kv_spec, num_blocks=num_blocks, adapters=self.adapters,
+                                 attention=self.config.attention)
+        self.eos_token_ids = self._eos_ids(model)
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        logger.info("engine ready: %d KV blocks of %d tokens (%.1f MiB), token budget %d", num_blocks,
+                    kv_spec.block_size, num_blocks * kv_spec.bytes_per_block / 2**20, self.config.token_budget)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "smollm2-135m", *, lora: Any = None, max_adapters: int = 8,
+                        kv_cache_tokens: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
+                        dtype: str = "fp32", token_budget: int = 512, block_size: int = 16,
+                        attention: str = "batched", policy: Optional[SchedulingPolicy] = None) -> "Engine":
+        """Compile ``name_or_path`` (see ``flexc.resolve_model``), load its weights and tokenizer.
+
+        ``lora``: None (base model only), True, a ``LoraSpec``, its dict or a ``peft.LoraConfig``: the adapter
+        structure every adapter served by this engine must fit (same rank, targets a subset).
+        """
+        # NOTE: lazy imports: flexc/ sits above runtime/ (flexc -> runtime), only this constructor reaches up
+        from flexc.compiler import compile as flexc_compile
+        from flexc.models import load_model, load_tokenizer, resolve_model
+        source = resolve_model(name_or_path)
+        spec = _as_lora_spec(lora)
+        # NOTE: the training passes (memory plan) have nothing to plan for a base-only engine: skip them there
+        compiled = flexc_compile(source, lora=spec, dtype=dtype, builtin_passes=None if spec is not None else ())
+        model = load_model(source, spec, dtype)
+        config = EngineConfig(kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
+                              token_budget=token_budget, max_adapters=max_adapters, attention=attention)
+        return cls(compiled, model, tokenizer=load_tokenizer(source), config=config, policy=policy)
+
+    @staticmethod
+    def _eos_ids(model: nn.Module) -> frozenset:
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+        if eos is None:
+            return frozenset()
+        return frozenset([eos] if isinstance(eos, int) else eos)
+
+    # ------------------------------------------------------------------ adapters
+    def load_adapter(self, name: str, path: Optional[str] = None, *, seed: int = 0, init: str = "peft") -> None:
+        """Make adapter ``name`` resident: from a PEFT directory, or fresh (``init`` 'peft' or 'random')."""
+        if path is None:
+            self.adapters.create_fresh(name, seed=seed, init=init)
+        else:
+            self.adapters.load_peft_dir(name, path)
+        self.executor.forget_adapter(name)
+
+    def add_adapter_tensors(self, name: str, state: dict) -> None:
+        """Make adapter ``name`` resident from lora_A/lora_B tensors named as the model's parameters."""
+        self.adapters.load_tensors(name, state)
+        self.executor.forget_adapter(name)
+
+    # ------------------------------------------------------------------ requests
+    def _tokenize(self, prompt: Prompt, chat: bool, rid: str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"request {rid}: a text prompt needs a tokenizer and this model has none; "
+                                 "pass token ids")
+            if chat:
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, tokenize=True)
+                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            else:
+                ids = self.tokenizer.encode(prompt) if prompt else []
+            return [int(t) for t in ids]
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"request {rid}: prompt must be a string or a list of token ids, "
+                             f"got {type(prompt).__name__}")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"request {rid}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        return list(prompt)
+
+    def submit(self, prompt: Prompt, *, max_new_tokens: int = 16, adapter: Optional[str] = None,
+               temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
+               stop: Union[None, str, int, Sequence[Union[str, int]]] = None, chat: bool = False,
+               ignore_eos: bool = False, request_id: Optional[str] = None) -> str:
+        """Queue one request and return its id; raises ``ValueError`` naming what is wrong with it.
+
+        ``stop``: strings end the request when the text contains them (cut from ``text``), ints are stop token
+        ids. ``chat`` wraps a text prompt in the tokenizer's chat template.
+        """
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise ValueError(f"request {rid}: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if adapter is not None:
+            self.adapters.get(adapter)                    # ValueError naming the loaded adapters
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+        ids = self._tokenize(prompt, chat, rid)
+        if not ids:
+            raise ValueError(f"request {rid}: the prompt is empty; give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"request {rid}: the prompt has {len(ids)} tokens; the model's context is "
+                             f"{self.max_model_len}, so prompts may have at most {self.max_model_len - 1}")
+        stops = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+        bad = [s for s in stops if not isinstance(s, (str, int)) or s == ""]
+        if bad:
+            raise ValueError(f"request {rid}: stop entries must be non-empty strings or token ids, got {bad[0]!r}")
+        stop_ids = frozenset(s for s in stops if isinstance(s, int)) | (frozenset() if ignore_eos
+                                                                          else self.eos_token_ids)
+        req = Request(req_id=rid, prompt_token_ids=ids, max_new_tokens=max_new_tokens, adapter_id=adapter,
+                      sampling=sampling, stop_token_ids=stop_ids)
+        self.scheduler.add_request(req)
+        self._tracked[rid] = _Tracked(req=req, submitted=time.perf_counter(),
+                                      stop_strings=tuple(s for s in stops if isinstance(s, str)))
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort_request(request_id)
+        t = self._tracked.get(request_id)
+        if t is not None and t.finish_reason is None:
+            t.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[TokenEvent]:
+        """One iteration: schedule, execute, update. Returns the tokens it produced."""
+        if not self.scheduler.has_unfinished_requests():
+            return []
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            raise RuntimeError("no request could be scheduled although some are unfinished "
+                               f"({self.scheduler.num_waiting} waiting, {self.scheduler.num_running} running)")
+        result = self.executor.execute(batch)
+        updates = self.scheduler.update_from_output(batch, result)
+        now = time.perf_counter()
+        events = []
+        for u in updates:
+            t = self._tracked[u.req_id]
+            t.token_times.append(now)
+            status = u.status
+            if not u.finished and t.stop_strings and self._hit_stop_string(t):
+                self.scheduler.finish_request(u.req_id, RequestStatus.FINISHED_STOPPED)
+                status = RequestStatus.FINISHED_STOPPED
+            finished = status.finished
+            if finished:
+                t.finish_reason = status.value
+            events.append(TokenEvent(request_id=u.req_id, token_id=u.new_token_ids[-1], finished=finished,
+                                     finish_reason=t.finish_reason))
+        return events
+
+    def _hit_stop_string(self, t: _Tracked) -> bool:
+        if self.tokenizer is None:
+            return False
+        text = self.tokenizer.decode(t.req.output_token_ids, skip_special_tokens=True)
+        cuts = [text.find(s) for s in t.stop_strings if s in text]
+        if cuts:
+            t.text_cut = min(cuts)
+            return True
+        return False
+
+    def stream(self, request_id: str) -> Iterator[TokenEvent]:
+        """Yield ``request_id``'s tokens as they are produced, stepping the engine (all requests advance)."""
+        t = self._tracked.get(request_id)
+        if t is None:
+            raise ValueError(f"unknown request id {request_id!r}")
+        sent = 0
+        while True:
+            out = t.req.output_token_ids
+            while sent < len(out):
+                last = sent == len(out) - 1 and t.finish_reason is not None
+                yield TokenEvent(request_id=request_id, token_id=out[sent], finished=last,
+                                 finish_reason=t.finish_reason if last else None)
+                sent += 1
+            if t.finish_reason is not None:
+                return
+            self.step()
+
+    def result(self, request_id: str) -> GenerationResult:
+        """The finished request's tokens, text and timings (drops its record)."""
+        t = self._tracked.get(request_id)
+        if t is None:
+            raise ValueError(f"unknown request id {request_id!r}")
+        if t.finish_reason is None:
+            raise ValueError(f"request {request_id} has not finished")
+        del self._tracked[request_id]
+        toks = list(t.req.output_token_ids)
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            if t.text_cut is not None:
+                text = text[:t.text_cut]
+        times = t.token_times
+        ttft = times[0] - t.submitted if times else 0.0
+        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+        return GenerationResult(request_id=request_id, prompt_token_ids=list(t.req.prompt_token_ids),
+                                token_ids=toks, text=text, finish_reason=t.finish_reason, ttft=ttft, tpot=tpot,
+                                adapter=t.req.adapter_id, num_preemptions=t.req.num_preemptions)
+
+    def generate(self, prompts: Union[Prompt, Sequence[Prompt]], *, max_new_tokens: Union[int, Sequence[int]] = 16,
+                 adapter: Union[None, str, Sequence[Optional[str]]] = None, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: Optional[int] = None,
+                 stop: Union[None, str, int, Sequence[Union[str, int]]] = None,
+                 chat: bool = False, ignore_eos: bool = False) -> list[GenerationResult]:
+        """Run ``prompts`` (one or a list) to completion, all batched together; results in prompt order.
+
+        ``max_new_tokens`` and ``adapter`` may be per prompt (lists). A refused request gets a result with
+        ``finish_reason='error'`` and ``error`` set; the others complete.
+        """
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                              and isinstance(prompts[0], int))
+        plist = [prompts] if single else list(prompts)
+        n = len(plist)
+        news = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+        ads = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
+        if len(news) != n or len(ads) != n:
+            raise ValueError(f"got {n} prompts but {len(news)} max_new_tokens and {len(ads)} adapters")
+        ids: list[Optional[str]] = []
+        errors: dict[int, str] = {}
+        for i, (p, m, a) in enumerate(zip(plist, news, ads)):
+            try:
+                ids.append(self.submit(p, max_new_tokens=m, adapter=a, temperature=temperature, top_p=top_p,
+                                       seed=None if seed is None else seed + i, stop=stop, chat=chat,
+                                       ignore_eos=ignore_eos))
+            except ValueError as e:
+                ids.append(None)
+                errors[i] = str(e)
+        pending = {r for r in ids if r is not None}
+        while any(self._tracked[r].finish_reason is None for r in pending):
+            self.step()
+        out = []
+        for i, rid in enumerate(ids):
+            if rid is None:
+                out.append(GenerationResult(request_id=f"rejected-{i}", prompt_token_ids=[], token_ids=[], text="",
+                                            finish_reason="error", ttft=0.0, tpot=0.0, adapter=ads[i],
+                                            error=errors[i]))
+            else:
+                out.append(self.result(rid))
+        return out
