@@ -89,10 +89,11 @@ class RegionProgram:
         return vals
 
     @torch.no_grad()
-    def forward(self, module: nn.Module, args: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-        """Run the forward graph: (region outputs, values saved for the backward)."""
+    def forward(self, module: nn.Module, args: Sequence[Any],
+                overrides: Optional[Mapping[str, torch.Tensor]] = None) -> tuple[list[Any], list[Any]]:
+        """Run the forward graph: (region outputs, values saved for the backward); ``overrides`` as in bind."""
         self._check(args)
-        outs = self.fw(*self.bind(module, args))
+        outs = self.fw(*self.bind(module, args, overrides))
         return [outs[i] for i in self.user_idx], [outs[i] for i in self.saved_idx]
 
     @torch.no_grad()

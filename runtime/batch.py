@@ -35,7 +35,8 @@ class SeqKind(str, enum.Enum):
     DECODE = "decode"
     """One newly sampled token per iteration."""
     FINETUNE = "finetune"
-    """Finetuning tokens (the token-level finetuning issue adds them; the inference executor refuses them)."""
+    """A chunk of a finetuning sequence's forward: attends to its own cached K/V like a prefill chunk, samples
+    nothing, and its rows of every saved tensor go to the sequence's activation store."""
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -99,6 +100,12 @@ class SchedulerOutput:
     """Requests preempted while building this batch: their KV blocks were freed, they recompute later."""
     finished_req_ids: list[str] = dataclasses.field(default_factory=list)
     """Requests finished since the previous batch: the executor drops its per-request state (RNGs)."""
+    finetune_backward: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Finetuning sequence id -> decoder layers whose backward runs this iteration (top-down window)."""
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs and not self.finetune_backward
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -28,7 +28,11 @@ import torch
 from torch import nn
 
 from flexc.runtime.adapters import AdapterRegistry
-from flexc.runtime.batch import SamplingParams
+from flexc.runtime.batch import ExecutorOutput, SamplingParams, SeqKind
+from flexc.runtime.coserve import FinetuneQueue, InferenceOnlyPolicy, iteration_work, make_policy, profile_latency
+from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, save_peft_adapter
+from flexc.runtime.latency import LatencyModel
+from flexc.runtime.metrics import EngineMetrics, MetricsRecorder
 from flexc.runtime.executor import ATTENTION_MODES, Executor, make_kv_spec
 from flexc.runtime.kv_cache import KVCacheManager, make_num_blocks
 from flexc.runtime.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulingPolicy
@@ -62,6 +66,12 @@ class EngineConfig:
     attention: str = "batched"
     """``batched`` (one batched call for all decode tokens, CPU fast path) or ``op`` (flexc::attention as
     captured)."""
+    tpot_slo: float = 0.2
+    """Target seconds per output token; the co-serving policy fills iterations with finetuning up to it."""
+    ttft_slo: float = 5.0
+    """Target seconds to the first token, queueing included (for SLO attainment)."""
+    latency_profile: Optional[str] = None
+    """JSON file of the fitted latency model: loaded if it exists, else profiled at start-up and written."""
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
@@ -145,6 +155,9 @@ class Engine:
                                      memory_budget=self.config.kv_cache_bytes)
         self.adapters = AdapterRegistry(compiled.lora, model, self.config.max_adapters)
         self.kv = KVCacheManager(num_blocks, kv_spec.block_size)
+        self.latency = LatencyModel(len(compiled.graph.layer_regions))
+        if isinstance(policy, str):
+            policy = make_policy(policy, self.latency, self.config.tpot_slo)
         self.scheduler = Scheduler(SchedulerConfig(token_budget=self.config.token_budget,
                                                    max_num_seqs=self.config.max_num_seqs,
                                                    max_model_len=self.max_model_len), self.kv, policy)
@@ -153,6 +166,12 @@ class Engine:
         self.eos_token_ids = self._eos_ids(model)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        self.finetune_queue = FinetuneQueue()
+        self.scheduler.finetune = self.finetune_queue
+        self.recorder = MetricsRecorder(self.config.tpot_slo, self.config.ttft_slo)
+        self._job_ids = itertools.count()
+        if getattr(self.scheduler.policy, "latency", None) is self.latency and compiled.lora is not None:
+            self.fit_latency_model()
         logger.info("engine ready: %d KV blocks of %d tokens (%.1f MiB), token budget %d", num_blocks,
                     kv_spec.block_size, num_blocks * kv_spec.bytes_per_block / 2**20, self.config.token_budget)
 
@@ -160,7 +179,9 @@ class Engine:
     def from_pretrained(cls, name_or_path: str = "smollm2-135m", *, lora: Any = None, max_adapters: int = 8,
                         kv_cache_tokens: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
                         dtype: str = "fp32", token_budget: int = 512, block_size: int = 16,
-                        attention: str = "batched", policy: Optional[SchedulingPolicy] = None) -> "Engine":
+                        attention: str = "batched", policy: Union[None, str, SchedulingPolicy] = None,
+                        tpot_slo: float = 0.2, ttft_slo: float = 5.0,
+                        latency_profile: Optional[str] = None) -> "Engine":
         """Compile ``name_or_path`` (see ``flexc.resolve_model``), load its weights and tokenizer.
 
         ``lora``: None (base model only), True, a ``LoraSpec``, its dict or a ``peft.LoraConfig``: the adapter
@@ -175,7 +196,8 @@ class Engine:
         compiled = flexc_compile(source, lora=spec, dtype=dtype, builtin_passes=None if spec is not None else ())
         model = load_model(source, spec, dtype)
         config = EngineConfig(kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
-                              token_budget=token_budget, max_adapters=max_adapters, attention=attention)
+                              token_budget=token_budget, max_adapters=max_adapters, attention=attention,
+                              tpot_slo=tpot_slo, ttft_slo=ttft_slo, latency_profile=latency_profile)
         return cls(compiled, model, tokenizer=load_tokenizer(source), config=config, policy=policy)
 
     @staticmethod
@@ -270,16 +292,23 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[TokenEvent]:
-        """One iteration: schedule, execute, update. Returns the tokens it produced."""
-        if not self.scheduler.has_unfinished_requests():
+        """One iteration: schedule, execute (inference and finetuning forward tokens in one flat batch, then
+        the scheduled backward windows), update. Returns the tokens it produced."""
+        if not self.has_work():
             return []
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            raise RuntimeError("no request could be scheduled although some are unfinished "
-                               f"({self.scheduler.num_waiting} waiting, {self.scheduler.num_running} running)")
-        result = self.executor.execute(batch)
+        if batch.empty:
+            if self.scheduler.has_unfinished_requests():
+                raise RuntimeError("no request could be scheduled although some are unfinished "
+                                   f"({self.scheduler.num_waiting} waiting, {self.scheduler.num_running} running)")
+            return []
+        ft = self.finetune_queue.sequences
+        result = self.executor.execute(batch, ft) if batch.seqs else ExecutorOutput(sampled_token_ids={})
+        ft_done = self._finetune_after_forward(batch)
         updates = self.scheduler.update_from_output(batch, result)
         now = time.perf_counter()
+        self._record(batch, t0, now - t0, len(updates), ft_done)
         events = []
         for u in updates:
             t = self._tracked[u.req_id]
@@ -291,9 +320,108 @@ class Engine:
             finished = status.finished
             if finished:
                 t.finish_reason = status.value
+                times = t.token_times
+                self.recorder.request_finished(times[0] - t.submitted,
+                                               (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0)
             events.append(TokenEvent(request_id=u.req_id, token_id=u.new_token_ids[-1], finished=finished,
                                      finish_reason=t.finish_reason))
         return events
+
+    def _finetune_after_forward(self, batch) -> int:
+        """Free the KV of finetuning sequences whose forward completed, run the scheduled backward windows and
+        hand their gradients to the jobs. Returns the finetuning tokens whose sequence finished."""
+        q = self.finetune_queue
+        for s in batch.seqs:
+            if s.kind is SeqKind.FINETUNE and q.sequences[s.req_id].in_backward:
+                self.kv.free(s.req_id)       # the backward reads the stored activations, not the cache
+        done = 0
+        for sid, k in batch.finetune_backward.items():
+            fs, job = q.sequences[sid], q.job_of(sid)
+            try:
+                job.on_window(fs.backward_window(self.executor.runner, k))
+            except Exception as e:           # NOTE: a failing job never takes inference down with it
+                logger.exception("finetuning job %s failed in its backward", job.job_id)
+                job.fail(f"{type(e).__name__}: {e}")
+            if fs.done or job.finished:
+                q.sequences.pop(sid, None)
+                done += fs.length if fs.done else 0
+        return done
+
+    def _record(self, batch, t0: float, seconds: float, generated: int, ft_done: int) -> None:
+        lengths = {sid: self.finetune_queue.sequences[sid].length if sid in self.finetune_queue.sequences else 0
+                   for sid in batch.finetune_backward}
+        work = iteration_work(batch, len(self.executor.runner.layers), lengths)
+        if seconds > 0 and (work.ft_backward_layer_tokens or batch.seqs):
+            self.latency.observe(work, seconds)
+        self.recorder.iteration(t0, seconds, decode_tokens=work.decode_tokens, prefill_tokens=work.prefill_tokens,
+                                ft_forward_tokens=work.ft_forward_tokens,
+                                ft_backward_layers=sum(batch.finetune_backward.values()),
+                                generated_tokens=generated, ft_tokens_done=ft_done)
+
+    # ------------------------------------------------------------------ finetuning
+    def fit_latency_model(self) -> LatencyModel:
+        """Load the latency model from ``config.latency_profile`` or profile it now (and save it there)."""
+        import os
+        path = self.config.latency_profile
+        if path and os.path.isfile(path):
+            loaded = LatencyModel.load(path)
+            self.latency.coef = loaded.coef
+            return self.latency
+        t0 = time.perf_counter()
+        samples = profile_latency(self.executor, self.kv, self.vocab_size, self.max_model_len)
+        self.latency.fit(samples)
+        logger.info("latency model profiled in %.1f s: %s", time.perf_counter() - t0, self.latency.to_dict())
+        if path:
+            self.latency.save(path)
+        return self.latency
+
+    def finetune(self, dataset: Any, *, adapter: str = "default", init_adapter: Optional[str] = None,
+                 optimizer: str = "adamw", lr: float = 1e-4, steps: Optional[int] = None, epochs: int = 1,
+                 grad_accum: int = 1, seed: int = 0, checkpoint_dir: Optional[str] = None,
+                 **options: Any) -> FinetuneJob:
+        """Queue a finetuning job of adapter ``adapter`` (created fresh, or from the PEFT directory
+        ``init_adapter``) on ``dataset`` (a JSONL path or a list of ``TrainingSequence``); its tokens ride in the
+        co-serving iterations. Extra ``options`` go to :class:`FinetuneConfig` (schedule, warmup_steps,
+        weight_decay, shuffle, checkpoint_every, max_nonfinite, ...)."""
+        from flexc.runtime.dataset import load_jsonl
+        from flexc.runtime.sequence import FinetuneSequence, make_layouts
+        if self.compiled.lora is None:
+            raise ValueError("this engine was compiled without LoRA; pass lora=... to Engine.from_pretrained")
+        cfg = FinetuneConfig(optimizer=optimizer, lr=lr, steps=steps, epochs=epochs, grad_accum=grad_accum, seed=seed,
+                             checkpoint_dir=checkpoint_dir, **options)
+        data = load_jsonl(dataset, self.tokenizer, self.max_model_len) if isinstance(dataset, str) else list(dataset)
+        if adapter not in self.adapters:
+            if init_adapter is not None:
+                self.load_adapter(adapter, init_adapter)
+            else:
+                self.load_adapter(adapter, seed=seed)
+        layouts = make_layouts(self.executor.runner)
+        job = FinetuneJob(f"job-{next(self._job_ids)}", data, self.adapters.get(adapter).weights, cfg,
+                          lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid), adapter_name=adapter,
+                          peft_config=self.compiled.lora.to_peft())
+        self.finetune_queue.add(job)
+        return job
+
+    def save_adapter(self, name: str, directory: str) -> None:
+        """Write adapter ``name`` in PEFT format (loads with ``peft.PeftModel.from_pretrained``)."""
+        if self.compiled.lora is None:
+            raise ValueError("this engine was compiled without LoRA: there is no adapter to save")
+        save_peft_adapter(directory, self.adapters.get(name).weights, "default", self.compiled.lora.to_peft())
+
+    def has_work(self) -> bool:
+        """Requests unfinished, or finetuning left that the policy will run."""
+        if self.scheduler.has_unfinished_requests():
+            return True
+        return self.finetune_queue.has_work and not isinstance(self.scheduler.policy, InferenceOnlyPolicy)
+
+    def run_until_idle(self) -> None:
+        """Step until every request and every finetuning job (that the policy runs) has finished."""
+        while self.has_work():
+            self.step()
+
+    def metrics(self, with_history: bool = True) -> EngineMetrics:
+        """SLO attainment, TTFT/TPOT percentiles, inference and finetuning tokens/s, per-iteration history."""
+        return self.recorder.summary(with_history)
 
     def _hit_stop_string(self, t: _Tracked) -> bool:
         if self.tokenizer is None:

@@ -31,7 +31,7 @@ Invariant (tests/runtime/test_engine.py): greedy tokens equal transformers
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from flexc.compiler import CompiledModel
     from flexc.ir.program import RegionProgram
     from flexc.runtime.adapters import AdapterRegistry
+    from flexc.runtime.sequence import FinetuneSequence
 
 logger = logging.getLogger(__name__)
 
@@ -214,21 +215,29 @@ class Executor:
 
     # ------------------------------------------------------------------ one iteration
     @torch.no_grad()
-    def execute(self, batch: SchedulerOutput) -> ExecutorOutput:
-        """Run the scheduled tokens; sample the next token of every sequence with ``sample=True``."""
+    def execute(self, batch: SchedulerOutput,
+                finetune: Optional[Mapping[str, "FinetuneSequence"]] = None) -> ExecutorOutput:
+        """Run the scheduled tokens; sample the next token of every sequence with ``sample=True``.
+
+        ``finetune`` maps the id of every FINETUNE sequence in the batch to its state, which receives the
+        chunk's rows of each layer's saved values and of the final hidden states.
+        """
         for rid in batch.finished_req_ids:
             self._generators.pop(rid, None)
         if not batch.seqs:
             return ExecutorOutput(sampled_token_ids={})
         groups: dict[Optional[str], list[ScheduledSequence]] = {}
         for s in batch.seqs:
-            if s.kind is SeqKind.FINETUNE:
-                raise ValueError(f"request {s.req_id}: the inference executor does not run finetuning tokens")
+            if s.kind is SeqKind.FINETUNE and (finetune is None or s.req_id not in finetune):
+                raise ValueError(f"finetuning sequence {s.req_id}: no finetuning state was given for it")
             groups.setdefault(s.adapter_id, []).append(s)
         hs, sample_seqs = [], []
         for adapter_id, seqs in groups.items():
             fb = _FlatBatch(seqs, self.kv_spec.block_size, self.k_caches, self.v_caches, self.batched)
-            h = self._run_layers(fb, adapter_id)
+            if any(s.kind is SeqKind.FINETUNE for s in seqs):
+                h = self._run_layers_saving(fb, adapter_id, seqs, finetune)
+            else:
+                h = self._run_layers(fb, adapter_id)
             if len(fb.rows):
                 hs.append(h.index_select(0, fb.rows))
                 sample_seqs.extend(fb.sample_seqs)
@@ -252,6 +261,29 @@ class Executor:
             for v, p in zip(vals, user_pos):          # do not keep the batch's activations alive
                 for j in p:
                     v[j] = None
+        return h
+
+    def _run_layers_saving(self, fb: _FlatBatch, adapter_id: Optional[str], seqs: list[ScheduledSequence],
+                           finetune: Mapping[str, "FinetuneSequence"]) -> torch.Tensor:
+        """Run a group holding finetuning chunks through the full forward graphs (which return the values the
+        backward needs) and hand each finetuning sequence its rows."""
+        runner = self.runner
+        rows = {}
+        for j, s in enumerate(seqs):
+            if s.kind is SeqKind.FINETUNE:
+                rows[s.req_id] = ((int(fb.cu[j]), int(fb.cu[j + 1])), s.num_computed_tokens)
+        ctx = fb.ctx
+        with paged_context(ctx):
+            h, cos, sin = runner.embed_forward(fb.ids, fb.pos)
+            for i in range(len(runner.layers)):
+                ctx.layer = i
+                (h,), saved = runner.layer_program(i).forward(runner.layer_modules[i], (h, cos, sin, fb.cu),
+                                                              self._overrides(i, adapter_id))
+                for sid, (r, start) in rows.items():
+                    finetune[sid].record_layer(i, saved, r, start)
+                del saved
+        for sid, (r, start) in rows.items():
+            finetune[sid].record_output(h, r, start)
         return h
 
     # ------------------------------------------------------------------ sampling

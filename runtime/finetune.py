@@ -208,6 +208,7 @@ class FinetuneJob:
             for name, m in self.master.items():
                 m.grad = self.grad_acc[name]
             self.optimizer.step()
+            self.scheduler.step()            # a skipped step does not advance the learning-rate schedule
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for name, p in self.params.items():      # publish the new version to inference
@@ -219,7 +220,6 @@ class FinetuneJob:
             self.skipped_steps.append(self.step)
             self._nonfinite_in_row += 1
             logger.warning("job %s: non-finite loss/gradient at step %d, step skipped", self.job_id, self.step)
-        self.scheduler.step()
         self.step += 1
         for g in self.grad_acc.values():
             g.zero_()

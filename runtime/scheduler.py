@@ -30,10 +30,14 @@ import collections
 import dataclasses
 import enum
 import logging
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from flexc.runtime.batch import ExecutorOutput, SamplingParams, ScheduledSequence, SchedulerOutput, SeqKind
 from flexc.runtime.kv_cache import KVCacheManager
+
+if TYPE_CHECKING:
+    from flexc.runtime.coserve import FinetuneQueue
+    from flexc.runtime.sequence import FinetuneSequence
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +165,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_since_step: list[str] = []
         self._preempted: list[str] = []
+        self.finetune: Optional["FinetuneQueue"] = None
+        """The finetuning jobs co-served with the requests (set by the engine); policies read it."""
+        self._backward: dict[str, int] = {}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, req: Request) -> None:
@@ -251,21 +258,42 @@ class Scheduler:
             block_ids=list(self.kv.get_block_ids(req.req_id)), sample=start + num_tokens == req.num_tokens,
             sampling=req.sampling)
 
+    def schedule_finetune_forward(self, fs: "FinetuneSequence", adapter_id: str,
+                                  num_tokens: int) -> Optional[ScheduledSequence]:
+        """The next ``num_tokens`` forward tokens of a finetuning sequence, if its KV blocks fit (finetuning
+        never preempts inference: None when the cache is full)."""
+        num_tokens = min(num_tokens, fs.forward_remaining)
+        if num_tokens <= 0 or self.kv.allocate_slots(fs.seq_id, fs.forward_pos + num_tokens) is None:
+            return None
+        start, ids, _ = fs.next_chunk(num_tokens)
+        return ScheduledSequence(req_id=fs.seq_id, kind=SeqKind.FINETUNE, adapter_id=adapter_id, token_ids=ids,
+                                 num_computed_tokens=start, block_ids=list(self.kv.get_block_ids(fs.seq_id)),
+                                 sample=False)
+
+    def schedule_finetune_backward(self, fs: "FinetuneSequence", num_layers: int) -> None:
+        """Run the backward of the next ``num_layers`` layers of ``fs`` in this iteration."""
+        if num_layers > 0:
+            self._backward[fs.seq_id] = num_layers
+
     # ------------------------------------------------------------------ the iteration
     def schedule(self) -> SchedulerOutput:
         """The next flat batch (possibly empty when nothing is runnable)."""
         self._preempted = []
+        self._backward = {}
         seqs = self.policy.schedule(self)
         num = {s.req_id: len(s.token_ids) for s in seqs}
         assert sum(num.values()) <= self.config.token_budget
         finished, self._finished_since_step = self._finished_since_step, []
         return SchedulerOutput(seqs=seqs, num_scheduled_tokens=num, total_num_scheduled_tokens=sum(num.values()),
-                               preempted_req_ids=list(self._preempted), finished_req_ids=finished)
+                               preempted_req_ids=list(self._preempted), finished_req_ids=finished,
+                               finetune_backward=dict(self._backward))
 
     def update_from_output(self, out: SchedulerOutput, result: ExecutorOutput) -> list[RequestUpdate]:
         """Advance the scheduled requests by what ran and what was sampled."""
         updates = []
         for seq in out.seqs:
+            if seq.kind is SeqKind.FINETUNE:
+                continue                # finetuning progress lives in its FinetuneSequence
             req = self.requests.get(seq.req_id)
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue                # aborted meanwhile

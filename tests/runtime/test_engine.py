@@ -121,7 +121,7 @@ def test_adapters_mixed_in_one_batch_match_peft(lora_setup):
     news = [8, 5, 10, 6, 9, 7]
     seen = []
     execute = engine.executor.execute
-    engine.executor.execute = lambda b: seen.append({s.adapter_id for s in b.seqs}) or execute(b)
+    engine.executor.execute = lambda b, ft=None: seen.append({s.adapter_id for s in b.seqs}) or execute(b, ft)
     try:
         res = engine.generate(prompts, max_new_tokens=news, adapter=adapters)
     finally:

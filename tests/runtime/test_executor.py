@@ -91,10 +91,11 @@ def test_executor_uses_compiled_templates_and_samples_only_marked_rows(executor)
 
 
 def test_executor_refuses_finetune_and_unknown_adapter(executor):
-    """Finetuning tokens and adapters on a base-only executor are ValueErrors naming the request/adapter."""
+    """Finetuning tokens without their finetuning state, and adapters on a base-only executor, are ValueErrors
+    naming the sequence/adapter."""
     seq = ScheduledSequence(req_id="f", kind=SeqKind.FINETUNE, adapter_id=None, token_ids=[1],
                             num_computed_tokens=0, block_ids=[0], sample=False)
-    with pytest.raises(ValueError, match="request f"):
+    with pytest.raises(ValueError, match="finetuning sequence f: no finetuning state"):
         executor.execute(SchedulerOutput(seqs=[seq], num_scheduled_tokens={"f": 1}, total_num_scheduled_tokens=1))
     seq = ScheduledSequence(req_id="g", kind=SeqKind.PREFILL, adapter_id="x", token_ids=[1],
                             num_computed_tokens=0, block_ids=[0], sample=True)

@@ -1,0 +1,138 @@
+"""Co-serving: finetuning tokens in the same iterations as inference give PEFT's adapter exactly."""
+import copy
+
+import pytest
+import torch
+
+import flexc
+from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.runtime.coserve import CoServePolicy, FinetuneOnlyPolicy, TemporalPolicy, make_policy
+from flexc.runtime.dataset import TrainingSequence
+from flexc.runtime.engine import Engine, EngineConfig
+from flexc.runtime.latency import LatencyModel
+from tests.utils import rel_err, write_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    src = resolve_model(write_config(tmp_path_factory.mktemp("cfg"), "llama"))
+    spec = LoraSpec(r=4, alpha=8)
+    cm = flexc.compile(src, lora=spec, seq_len=16)
+    return src, spec, cm
+
+
+def _data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, 256, (int(torch.randint(14, 21, (1,), generator=g)),), generator=g).tolist()
+        labels = ids[1:] + [-100]
+        labels[:3] = [-100] * 3
+        out.append(TrainingSequence(tuple(ids), tuple(labels)))
+    return out
+
+
+def _policy(num_layers):
+    # seconds: decode 0.01/token, prefill 0.01/token, finetuning forward 0.01/token, backward 0.002 * tokens * layers
+    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers])
+    return CoServePolicy(lat, tpot_slo=0.1)
+
+
+def _peft_sgd(model, data, lr, grad_accum):
+    model.get_base_model().set_attn_implementation("sdpa")
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    opt = torch.optim.SGD(params, lr=lr)
+    for step in range(len(data) // grad_accum):
+        opt.zero_grad()
+        for s in data[step * grad_accum:(step + 1) * grad_accum]:
+            out = model(input_ids=torch.tensor([s.input_ids]))
+            loss = torch.nn.functional.cross_entropy(out.logits[0], torch.tensor(s.labels), ignore_index=-100)
+            (loss / grad_accum).backward()
+        opt.step()
+    return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_coserved_sgd_equals_peft(setup, tmp_path):
+    """SGD steps co-served with inference requests (chunked forward, windowed backward) equal PEFT's adapter;
+    the saved adapter loads in PEFT and generates the engine's tokens."""
+    src, spec, cm = setup
+    model = load_model(src, spec, "fp32", seed=5)
+    engine = Engine(cm, model, config=EngineConfig(kv_cache_tokens=1024, token_budget=12, block_size=4),
+                    policy=_policy(3))
+    data = _data(4)
+    job = engine.finetune(data, adapter="ft", optimizer="sgd", lr=0.5, grad_accum=2, seed=3)
+    init = {k: v.clone() for k, v in engine.adapters.get("ft").weights.items()}
+    g = torch.Generator().manual_seed(1)
+    for i in range(6):
+        engine.submit(torch.randint(0, 256, (5 + i,), generator=g).tolist(), max_new_tokens=8,
+                      adapter=None if i % 2 else "ft", ignore_eos=True)
+    engine.run_until_idle()
+    assert job.status == "completed" and job.step == 2
+    hist = engine.metrics().history
+    assert any(h["ft_forward_tokens"] and h["decode_tokens"] for h in hist)          # mixed batches
+    assert any(0 < h["ft_backward_layers"] < 3 for h in hist)                         # layer windows
+    assert max(h["ft_forward_tokens"] for h in hist) < min(len(s) for s in data)      # chunked forward
+
+    ref_model = load_model(src, spec, "fp32", seed=5)
+    with torch.no_grad():
+        for n, p in ref_model.named_parameters():
+            if n in init:
+                p.copy_(init[n])
+    ref = _peft_sgd(ref_model, data, 0.5, 2)
+    ours = engine.adapters.get("ft").weights
+    assert any(rel_err(ours[n], init[n]) > 1e-3 for n in ref)
+    for n in ref:
+        assert rel_err(ours[n], ref[n]) < 1e-4, n
+
+    from peft import PeftModel
+    engine.save_adapter("ft", str(tmp_path / "ft"))
+    base = load_model(src, None, "fp32", seed=5)
+    base.set_attn_implementation("sdpa")
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ft"))
+    prompt = [7, 99, 3, 250, 12]
+    res = engine.generate([prompt], max_new_tokens=6, adapter="ft", ignore_eos=True)[0]
+    want = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                               min_new_tokens=6)[0, 5:].tolist()
+    assert res.token_ids == want
+
+
+@pytest.mark.parametrize("name", ["temporal", "finetune_only"])
+def test_baseline_policies_train_the_same(setup, name):
+    """temporal and finetune_only reach the same adapter (they only schedule differently)."""
+    src, spec, cm = setup
+    results = []
+    for policy in (_policy(3), make_policy(name)):
+        model = load_model(src, spec, "fp32", seed=5)
+        engine = Engine(cm, model, config=EngineConfig(kv_cache_tokens=1024, token_budget=12, block_size=4),
+                        policy=policy)
+        engine.finetune(_data(2, seed=4), adapter="ft", optimizer="sgd", lr=0.5, seed=3)
+        if name == "temporal":
+            engine.submit([1, 2, 3, 4], max_new_tokens=5, ignore_eos=True)
+        engine.run_until_idle()
+        results.append({k: v.clone() for k, v in engine.adapters.get("ft").weights.items()})
+    for k in results[0]:
+        assert rel_err(results[1][k], results[0][k]) < 1e-5
+
+
+def test_failing_job_leaves_inference_alone(setup):
+    """A job that fails (non-finite steps) is marked failed; the inference requests still finish."""
+    src, spec, cm = setup
+    model = load_model(src, spec, "fp32", seed=5)
+    engine = Engine(cm, model, config=EngineConfig(kv_cache_tokens=1024, token_budget=12, block_size=4),
+                    policy=_policy(3))
+    job = engine.finetune(_data(3), adapter="ft", optimizer="sgd", lr=float("1e308"), max_nonfinite=1, seed=3)
+    with torch.no_grad():
+        for t in engine.adapters.get("ft").weights.values():
+            t.fill_(float("nan"))      # every gradient becomes non-finite
+    rid = engine.submit([5, 6, 7], max_new_tokens=4, ignore_eos=True)
+    engine.run_until_idle()
+    assert job.status == "failed" and job.skipped_steps == [0]
+    assert len(engine.result(rid).token_ids) == 4
+
+
+def test_policy_names():
+    """Unknown policy names are ValueErrors listing the allowed ones."""
+    with pytest.raises(ValueError, match="allowed: coserve, temporal, inference_only, finetune_only"):
+        make_policy("fifo")
+    assert isinstance(make_policy("temporal"), TemporalPolicy)
+    assert isinstance(make_policy("finetune_only"), FinetuneOnlyPolicy)
