@@ -134,18 +134,6 @@ def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str, seq
                          lora=lora.to_dict() if lora else None)
 
 
-def _as_lora(lora: Any) -> Optional[LoraSpec]:
-    if lora is None or lora is False:
-        return None
-    if lora is True:
-        return LoraSpec()
-    if isinstance(lora, LoraSpec):
-        return lora
-    if isinstance(lora, dict):
-        return LoraSpec(**lora)
-    return LoraSpec.from_peft(lora)
-
-
 def compile(model: Any = DEFAULT_MODEL, *, lora: Any = True, dtype: Optional[str] = None, seq_len: int = 2048,
             passes: Sequence[str] = (), builtin_passes: Optional[Sequence[str]] = None,
             **options: Any) -> CompiledModel:
@@ -158,7 +146,7 @@ def compile(model: Any = DEFAULT_MODEL, *, lora: Any = True, dtype: Optional[str
     """
     t0 = time.perf_counter()
     source = model if isinstance(model, ModelSource) else resolve_model(model)
-    spec = _as_lora(lora)
+    spec = LoraSpec.coerce(lora)
     dtype = dtype or ("bf16" if source.kind == "preset" else "fp32")
     parse_dtype(dtype)
     if not isinstance(seq_len, int) or seq_len <= 0:

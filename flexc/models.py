@@ -85,6 +85,20 @@ class LoraSpec:
             raise ValueError(f"LoRA target {bad[0]!r} matches no module; allowed: {', '.join(LORA_TARGETS)}")
 
     @classmethod
+    def coerce(cls, lora: Any) -> Optional["LoraSpec"]:
+        """What the APIs accept as ``lora``: None/False (no adapter), True (defaults), a LoraSpec, a dict of its
+        fields, or a ``peft.LoraConfig``."""
+        if lora is None or lora is False:
+            return None
+        if lora is True:
+            return cls()
+        if isinstance(lora, cls):
+            return lora
+        if isinstance(lora, dict):
+            return cls(**lora)
+        return cls.from_peft(lora)
+
+    @classmethod
     def from_peft(cls, cfg: Any) -> "LoraSpec":
         """Accept a ``peft.LoraConfig`` (other PEFT types are rejected)."""
         kind = type(cfg).__name__

@@ -124,19 +124,6 @@ class _Tracked:
     text_cut: Optional[int] = None
 
 
-def _as_lora_spec(lora: Any):
-    from flexc.models import LoraSpec
-    if lora is None or lora is False:
-        return None
-    if lora is True:
-        return LoraSpec()
-    if isinstance(lora, LoraSpec):
-        return lora
-    if isinstance(lora, dict):
-        return LoraSpec(**lora)
-    return LoraSpec.from_peft(lora)
-
-
 class Engine:
     """Continuous-batching inference over a compiled model with many resident LoRA adapters."""
 
@@ -189,9 +176,9 @@ class Engine:
         """
         # NOTE: lazy imports: flexc/ sits above runtime/ (flexc -> runtime), only this constructor reaches up
         from flexc.compiler import compile as flexc_compile
-        from flexc.models import load_model, load_tokenizer, resolve_model
+        from flexc.models import LoraSpec, load_model, load_tokenizer, resolve_model
         source = resolve_model(name_or_path)
-        spec = _as_lora_spec(lora)
+        spec = LoraSpec.coerce(lora)
         # NOTE: the training passes (memory plan) have nothing to plan for a base-only engine: skip them there
         compiled = flexc_compile(source, lora=spec, dtype=dtype, builtin_passes=None if spec is not None else ())
         model = load_model(source, spec, dtype)
