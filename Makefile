@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/flexc compile smollm2-135m -o plan.json
+	$(VENV)/bin/flexc run
 
 test: install
 	$(PY) -m pytest tests

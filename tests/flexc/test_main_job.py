@@ -1,0 +1,123 @@
+"""flexc run helpers: seeded Poisson load, keyword scoring, the serve loop and the chart, without a model."""
+import argparse
+import dataclasses
+import json
+import math
+
+import pytest
+
+from flexc import main_job
+from flexc.cli import main as cli_main
+
+
+def test_arrivals_are_seeded_poisson():
+    """Same seed gives the same increasing arrival times in [0, duration); the count matches rate x duration."""
+    a = main_job.make_arrivals(2.0, 500.0, seed=3)
+    assert a == main_job.make_arrivals(2.0, 500.0, seed=3)
+    assert a != main_job.make_arrivals(2.0, 500.0, seed=4)
+    assert all(0 < x < y < 500.0 for x, y in zip(a, a[1:]))
+    assert abs(len(a) - 1000) < 4 * math.sqrt(1000)          # Poisson: mean 1000, sd ~32
+    gaps = [y - x for x, y in zip(a, a[1:])]
+    assert abs(sum(gaps) / len(gaps) - 0.5) < 0.05           # exponential gaps of mean 1/rate
+    assert main_job.make_arrivals(0.0, 10.0, seed=0) == []
+
+
+def test_load_lengths_and_adapter_share():
+    """Requests use built-in prompts, 16-64 output tokens, and roughly the given share asks for the adapter."""
+    load = main_job.make_load(4.0, 200.0, seed=0, adapter_share=0.25, adapter="skill")
+    assert load == main_job.make_load(4.0, 200.0, seed=0, adapter_share=0.25, adapter="skill")
+    assert all(r.prompt in main_job.PROMPTS and 16 <= r.max_new_tokens <= 64 for r in load)
+    share = sum(r.adapter == "skill" for r in load) / len(load)
+    assert 0.18 < share < 0.32
+    assert all(r.adapter is None for r in main_job.make_load(4.0, 20.0, seed=0))
+
+
+@pytest.mark.parametrize("rate,duration", [(-1.0, 10.0), (float("nan"), 10.0), (1.0, 0.0)])
+def test_bad_load_is_value_error(rate, duration):
+    """A negative or NaN rate, or a non-positive duration, is a ValueError naming the flag."""
+    with pytest.raises(ValueError, match="--rate|--duration"):
+        main_job.make_arrivals(rate, duration, seed=0)
+
+
+def test_score_answers_counts_keywords():
+    """An answer counts when it contains its keyword, case-insensitively."""
+    assert main_job.score_answers(["The capital is Quorinth.", "It has 7 moons", "TEAL sky"],
+                                  ["quorinth", "seven", "teal"]) == pytest.approx(2 / 3)
+    assert main_job.score_answers([], []) == 0.0
+    with pytest.raises(ValueError):
+        main_job.score_answers(["a"], [])
+
+
+def test_shipped_eval_set():
+    """The shipped eval file has 16 questions, each keyword stated in the training data."""
+    items = main_job.load_eval()
+    assert len(items) == 16
+    train = open(main_job.TRAIN_FILE, encoding="utf-8").read()
+    assert all(it["keyword"] in train for it in items)
+
+
+@dataclasses.dataclass
+class _Ev:
+    request_id: str
+    finished: bool
+
+
+class _FakeEngine:
+    """Finishes every request after ``steps_per_request`` steps; counts idle finetuning steps."""
+
+    def __init__(self, steps_per_request: int = 3):
+        self.n = steps_per_request
+        self.live: dict[str, int] = {}
+        self.submitted: list[str] = []
+        self.steps = 0
+        self.aborted: list[str] = []
+
+    def submit(self, prompt, *, max_new_tokens, adapter, chat):
+        rid = f"r{len(self.submitted)}"
+        self.submitted.append(rid)
+        self.live[rid] = self.n
+        return rid
+
+    def has_work(self):
+        return True                          # a finetuning job always has work
+
+    def step(self):
+        self.steps += 1
+        out = []
+        for rid in list(self.live):
+            self.live[rid] -= 1
+            if self.live[rid] == 0:
+                del self.live[rid]
+                out.append(_Ev(rid, True))
+        return out
+
+    def result(self, rid):
+        return argparse.Namespace(request_id=rid, ttft=0.01, tpot=0.01)
+
+    def abort(self, rid):
+        self.aborted.append(rid)
+
+
+def test_serve_submits_on_arrival_and_steps_when_idle():
+    """Every request arriving in the window is submitted and collected; the engine keeps stepping between."""
+    load = [main_job.LoadRequest(arrival=t, prompt="hi", max_new_tokens=16) for t in (0.0, 0.05, 0.1)]
+    eng = _FakeEngine()
+    stats = main_job.serve(eng, load, 0.3)
+    assert stats.submitted == 3 and len(stats.results) == 3 and stats.aborted == 0
+    assert eng.steps > 9
+
+
+def test_plot_throughput_writes_png(tmp_path):
+    """The chart is written from an engine history."""
+    hist = [dict(t=0.1 * i, seconds=0.1, decode_tokens=2, prefill_tokens=0, ft_forward_tokens=10,
+                 ft_backward_layers=0, generated_tokens=2, ft_tokens_done=0) for i in range(100)]
+    path = tmp_path / "t.png"
+    main_job.plot_throughput(hist, str(path), bucket=2.0)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bad_rate_is_one_line(capsys):
+    """A bad flag value ends with exit status 2 and one line, before any model is built."""
+    assert cli_main(["run", "--rate", "-2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rate" in err[0]
