@@ -170,3 +170,61 @@ def test_bad_config(kw, msg):
     """Bad finetuning options are ValueErrors naming the value and what is allowed."""
     with pytest.raises(ValueError, match=msg):
         FinetuneConfig(**kw)
+
+
+_CHILD = r"""
+import copy, sys, time
+sys.path.insert(0, {root!r})
+import flexc
+from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.runtime.finetune import FinetuneConfig
+from tests.runtime.test_finetune import _data, _job, drive_one
+from tests.utils import randomize_lora
+src = resolve_model({cfg!r})
+spec = LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+cm = flexc.compile(src, lora=spec, seq_len=16)
+model = load_model(src, spec, "fp32", seed=4)
+randomize_lora(model)
+runner, job = _job(cm, model, _data(4, seed=3), FinetuneConfig(**{base!r}, checkpoint_dir={ck!r}, checkpoint_every=1))
+while True:
+    fs = job.next_sequence()
+    if fs is None:
+        break
+    drive_one(runner, job, fs)
+    time.sleep(1.0)            # slow enough for the parent to kill it between checkpoints
+"""
+
+
+def test_resume_after_kill(setup, tmp_path):
+    """A training process killed with SIGKILL after its 2nd checkpoint resumes to the uninterrupted adapter."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    src, spec, cm, model0 = setup
+    base = dict(optimizer="adamw", lr=0.01, grad_accum=1, shuffle=True, seed=5, epochs=2, steps=4)
+    m_full = copy.deepcopy(model0)
+    runner, job = _job(cm, m_full, _data(4, seed=3), FinetuneConfig(**base))
+    drive_finetune_only(runner, job)
+    full = {n: p.detach().clone() for n, p in m_full.named_parameters() if "lora_" in n}
+
+    ck = str(tmp_path / "ck")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = _CHILD.format(root=root, cfg=str(src.path), base=base, ck=ck)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root)
+    latest = os.path.join(ck, "latest")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(latest) and open(latest).read().strip() == "step-000002":
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the training process ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    m_b = copy.deepcopy(model0)
+    runner, job = _job(cm, m_b, _data(4, seed=3), FinetuneConfig(**base, checkpoint_dir=ck, checkpoint_every=1))
+    assert job.step == 2
+    drive_finetune_only(runner, job)
+    for n, t in full.items():
+        assert torch.equal(dict(m_b.named_parameters())[n].detach(), t), n
