@@ -38,7 +38,12 @@ def _policy(num_layers):
     return CoServePolicy(lat, tpot_slo=0.1)
 
 
-def _peft_sgd(model, data, lr, grad_accum):
+def _peft_sgd(model, init, data, lr, grad_accum):
+    """PEFT from the adapter weights ``init``, trained with SGD and ordinary loss.backward()."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in init:
+                p.copy_(init[n])
     model.get_base_model().set_attn_implementation("sdpa")
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     opt = torch.optim.SGD(params, lr=lr)
@@ -73,12 +78,7 @@ def test_coserved_sgd_equals_peft(setup, tmp_path):
     assert any(0 < h["ft_backward_layers"] < 3 for h in hist)                         # layer windows
     assert max(h["ft_forward_tokens"] for h in hist) < min(len(s) for s in data)      # chunked forward
 
-    ref_model = load_model(src, spec, "fp32", seed=5)
-    with torch.no_grad():
-        for n, p in ref_model.named_parameters():
-            if n in init:
-                p.copy_(init[n])
-    ref = _peft_sgd(ref_model, data, 0.5, 2)
+    ref = _peft_sgd(load_model(src, spec, "fp32", seed=5), init, data, 0.5, 2)
     ours = engine.adapters.get("ft").weights
     assert any(rel_err(ours[n], init[n]) > 1e-3 for n in ref)
     for n in ref:
@@ -159,12 +159,7 @@ def test_coserved_sgd_equals_peft_smollm2():
     engine.run_until_idle()
     hist = engine.metrics().history
     assert any(0 < h["ft_backward_layers"] < 30 for h in hist)
-    ref_model = load_model(cm.source, spec, "fp32")
-    with torch.no_grad():
-        for n, p in ref_model.named_parameters():
-            if n in init:
-                p.copy_(init[n])
-    ref = _peft_sgd(ref_model, data, 0.5, 1)
+    ref = _peft_sgd(load_model(cm.source, spec, "fp32"), init, data, 0.5, 1)
     ours = engine.adapters.get("ft").weights
     for n in ref:
         assert rel_err(ours[n], ref[n]) < 1e-4, n
