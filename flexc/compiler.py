@@ -87,18 +87,23 @@ def _example_inputs(lm: torch.nn.Module, cfg: Any, mode: Any, seq_len: int, dtyp
     return ids, pos, h, cos, sin, cu_t, labels
 
 
-def _model_summary(source: ModelSource, model: torch.nn.Module, dtype: str) -> dict:
+def model_shape(source: ModelSource) -> dict:
+    """The model's shape from its config alone (no capture): the keys of ``CompiledGraph.model`` that do not
+    need the built model (e.g. what ``check_tp`` reads before any rank starts)."""
     cfg = source.config
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "architecture": source.architecture, "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
         "num_heads": cfg.num_attention_heads, "num_kv_heads": cfg.num_key_value_heads,
         "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
         "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
-        "dtype": dtype, "parameters": params, "trainable_parameters": trainable,
     }
+
+
+def _model_summary(source: ModelSource, model: torch.nn.Module, dtype: str) -> dict:
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {**model_shape(source), "dtype": dtype, "parameters": params, "trainable_parameters": trainable}
 
 
 def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str, seq_len: int) -> CompiledGraph:

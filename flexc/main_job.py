@@ -14,6 +14,7 @@ and a PNG of inference and finetuning throughput over time.
 
     flexc run                                  # what `make run` runs
     flexc run --rate 1 --duration 60 --out-dir /tmp/run
+    flexc run --tp 3 --duration 60             # three ranks on this machine (runtime.tp_engine.run_tp)
 """
 from __future__ import annotations
 
@@ -304,37 +305,68 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", dest="eval_file", default=EVAL_FILE, help="JSONL of {question, keyword}")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the adapter init (default 0)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default 0: torch's choice; 1 is faster on a machine busy with other jobs)")
+                   help="torch CPU threads per rank (default 0: torch's choice, or the cores split over the ranks at "
+                        "--tp > 1; 1 is faster on a machine busy with other jobs)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree: ranks started on this machine (gloo on CPU; default 1); must "
+                        "divide the model's heads (SmolLM2-135M: 1 or 3)")
     p.add_argument("--out-dir", default=os.path.join("flexc-run", "adapter"),
                    help="where the adapter, summary.json and throughput.png go (default ./flexc-run/adapter)")
 
 
+def _build_engine(*, dims=None, policy: str, tpot_slo: float, ttft_slo: float, latency_profile: str) -> "Engine":
+    """One rank's engine (``dims`` None: the single-process engine); quiet unless it fails."""
+    import flexc
+    with _quiet_stderr():
+        return flexc.Engine.from_pretrained("smollm2-135m", lora=flexc.LoraSpec(r=16, alpha=32), policy=policy,
+                                            tpot_slo=tpot_slo, ttft_slo=ttft_slo, token_budget=256,
+                                            kv_cache_tokens=16384, latency_profile=latency_profile, dims=dims)
+
+
 def main(args: argparse.Namespace) -> int:
+    import functools
+
     import torch
 
-    import flexc
+    from flexc.compiler import model_shape
+    from flexc.models import resolve_model
+    from flexc.passes.parallelize import check_tp
+    from flexc.runtime.tp_engine import run_tp
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
     for name in ("tpot_slo", "ttft_slo"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive seconds, got {getattr(args, name)}")
     load = make_load(args.rate, args.duration, args.seed, adapter_share=0.25, adapter=ADAPTER)
     items = load_eval(args.eval_file)
+    try:
+        check_tp(model_shape(resolve_model("smollm2-135m")), args.tp)     # before any rank starts
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None            # "--tp=2 does not divide num_heads=9; allowed ..."
+    # NOTE: ranks share the machine's cores; more threads than cores slows every rank down
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.tp) if args.tp > 1 else 0)
+    if threads:
+        torch.set_num_threads(threads)
     os.makedirs(args.out_dir, exist_ok=True)
-    out = sys.stdout
 
     t_setup = time.perf_counter()
-    print(f"flexc run: building the engine (smollm2-135m, LoRA r=16, policy {args.policy}) ...", file=out, flush=True)
-    with _quiet_stderr():
-        engine = flexc.Engine.from_pretrained("smollm2-135m", lora=flexc.LoraSpec(r=16, alpha=32),
-                                              policy=args.policy,
-                                              tpot_slo=args.tpot_slo, ttft_slo=args.ttft_slo, token_budget=256,
-                                              kv_cache_tokens=16384,
-                                              latency_profile=os.path.join(args.out_dir, "latency.json"))
+    tp_note = f", tp={args.tp}" if args.tp > 1 else ""
+    print(f"flexc run: building the engine (smollm2-135m, LoRA r=16, policy {args.policy}{tp_note}) ...",
+          file=sys.stdout, flush=True)
+    profile = "latency.json" if args.tp == 1 else f"latency-tp{args.tp}.json"
+    build = functools.partial(_build_engine, policy=args.policy, tpot_slo=args.tpot_slo, ttft_slo=args.ttft_slo,
+                              latency_profile=os.path.join(args.out_dir, profile))
+    return run_tp(functools.partial(_drive, args, load, items, t_setup), build, args.tp, threads=threads)
+
+
+def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[dict], t_setup: float,
+           engine: "Engine") -> int:
+    """The run on the built engine (rank 0's at tp > 1): finetune beside the load, save, evaluate, report."""
+    out = sys.stdout
     # NOTE: linear decay to 0 over the job: the adapter settles at the end instead of oscillating between facts
     job = engine.finetune(args.data, adapter=ADAPTER, lr=args.lr, epochs=args.epochs, seed=args.seed,
                           schedule="linear")
@@ -360,7 +392,7 @@ def main(args: argparse.Namespace) -> int:
     res = stats.results
     ok = sum(r.tpot <= args.tpot_slo and r.ttft <= args.ttft_slo for r in res)
     summary = {
-        "policy": args.policy, "rate": args.rate, "duration_s": round(stats.wall, 1),
+        "policy": args.policy, "tp": args.tp, "rate": args.rate, "duration_s": round(stats.wall, 1),
         "requests": {"submitted": stats.submitted, "finished": len(res), "aborted_at_end": stats.aborted,
                      "slo_attainment": ok / len(res) if res else None,
                      "ttft_p50_s": _pct([r.ttft for r in res], 50), "ttft_p99_s": _pct([r.ttft for r in res], 99),

@@ -27,6 +27,7 @@ import fnmatch
 import itertools
 import json
 import logging
+import math
 from typing import TYPE_CHECKING, Optional
 
 import sympy
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["parallelize", "ParallelizeReport", "AdapterChoice", "MEGATRON_PLAN", "make_base_plan",
-           "evaluate_region", "region_inputs"]
+           "evaluate_region", "region_inputs", "allowed_tp", "check_tp"]
 
 MEGATRON_PLAN = {
     "layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
@@ -329,11 +330,9 @@ def _adapter_memory(region: "RegionGraph", proj: str, choice: AdapterChoice, tp:
 def parallelize(graph: "CompiledGraph", ctx: "PassContext") -> ParallelizeReport:
     """Choose adapter placements under the base TP plan and build the sharded region graphs."""
     tp = ctx.options.get("tp", 1) or 1
-    if not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tp must be a positive integer, got {tp!r}")
+    check_tp(graph.model, tp)
     if tp == 1:
         return ParallelizeReport(tp=1, modified=False)
-    _check_divisible(graph.model, tp)
     plan, source = make_base_plan(graph, ctx.options)
     tokens = int(ctx.options.get("tokens") or ctx.options.get("seq_len") or 2048)
     cost = _CostModel(link_bandwidth=float(ctx.options.get("tp_link_bandwidth", 150e9)),
@@ -403,11 +402,26 @@ class _CostModel:
                 + _num(ev.flops(), self.tokens) / self.peak_flops)
 
 
-def _check_divisible(model: dict, tp: int) -> None:
-    for key in ("num_heads", "num_kv_heads", "intermediate_size"):
+_SPLIT_SIZES = ("num_heads", "num_kv_heads", "intermediate_size")
+"""Model sizes (keys of ``CompiledGraph.model``) the Megatron plan splits over the ranks."""
+
+
+def allowed_tp(model: dict) -> list[int]:
+    """Tensor-parallel degrees that split every head count and the MLP width of ``model`` evenly."""
+    sizes = [model[k] for k in _SPLIT_SIZES if model.get(k) is not None]
+    g = math.gcd(*sizes) if sizes else 1
+    return [d for d in range(1, g + 1) if g % d == 0]
+
+
+def check_tp(model: dict, tp: int) -> None:
+    """ValueError naming ``tp`` and the allowed degrees unless ``tp`` splits ``model``'s heads and MLP evenly."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ValueError(f"tp must be a positive integer, got {tp!r}")
+    for key in _SPLIT_SIZES:
         v = model.get(key)
         if v is not None and v % tp:
-            raise ValueError(f"tp={tp} does not divide {key}={v}; choose a tp that divides it")
+            raise ValueError(f"tp={tp} does not divide {key}={v}; allowed tp for this model: "
+                             f"{', '.join(map(str, allowed_tp(model)))}")
 
 
 def _choose(region: "RegionGraph", plan: dict[str, str], tp: int, cost: "_CostModel",

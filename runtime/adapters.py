@@ -13,6 +13,10 @@ Anything else is a :class:`ValueError` that says what differs.
 
 Weights are kept by the model's parameter names, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``.
+
+On a tensor-parallel rank (``shards`` given) every check and fresh init is made
+on whole tensors and the registry keeps this rank's shards; ``whole_weights``
+gathers them back (what ``save_adapter`` writes).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from flexc.models import LoraSpec
+    from flexc.runtime.distributed import ShardPlan
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +47,8 @@ class Adapter:
 
     name: str
     weights: dict[str, torch.Tensor]
-    """lora_A / lora_B tensors by the model's parameter name, in the model's dtype."""
+    """lora_A / lora_B tensors by the model's parameter name, in the model's dtype (at tp > 1 this rank's
+    shards)."""
     source: str
     """Where it came from: a directory path, ``fresh`` or ``tensors``."""
     version: int = 0
@@ -52,14 +58,17 @@ class Adapter:
 class AdapterRegistry:
     """Many adapters resident at once for one compiled model (up to ``max_adapters``)."""
 
-    def __init__(self, spec: Optional["LoraSpec"], model: nn.Module, max_adapters: int = 8):
+    def __init__(self, spec: Optional["LoraSpec"], model: nn.Module, max_adapters: int = 8,
+                 shards: Optional["ShardPlan"] = None):
+        """``shards``: on a tensor-parallel rank, the plan that cuts whole adapter tensors to this rank's."""
         if not isinstance(max_adapters, int) or max_adapters < 0:
             raise ValueError(f"max_adapters must be a non-negative integer, got {max_adapters!r}")
         self.spec = spec
         self.max_adapters = max_adapters
         self.adapters: dict[str, Adapter] = {}
-        self._shapes = {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()
-                        if ".lora_A." in n or ".lora_B." in n}
+        self.shards = shards
+        self._shapes = {n: (shards.whole_shape(n, p.shape) if shards is not None else tuple(p.shape), p.dtype)
+                        for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
         self._version = 0
 
     # ------------------------------------------------------------------ lookup
@@ -73,6 +82,13 @@ class AdapterRegistry:
 
     def names(self) -> list[str]:
         return list(self.adapters)
+
+    def whole_weights(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s whole tensors (at tp > 1 gathered from every rank: all ranks call it)."""
+        weights = self.get(name).weights
+        if self.shards is None:
+            return weights
+        return {n: self.shards.gather(n, w) for n, w in weights.items()}
 
     def remove(self, name: str) -> None:
         self.get(name)
@@ -90,6 +106,8 @@ class AdapterRegistry:
                              f"max_adapters={self.max_adapters}; remove one first")
 
     def _put(self, name: str, weights: dict[str, torch.Tensor], source: str) -> Adapter:
+        if self.shards is not None:           # NOTE: checked and initialised whole, kept as this rank's shards
+            weights = {n: self.shards.shard(n, w) for n, w in weights.items()}
         self._version += 1
         ad = Adapter(name=name, weights=weights, source=source, version=self._version)
         self.adapters[name] = ad

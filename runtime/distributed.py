@@ -20,10 +20,40 @@ The order of setting up one rank, as in torchtitan's ``parallelize``:
 
 Invariant (tests/runtime/test_distributed.py): logits and LoRA gradients on tp
 ranks equal the single-process run's (each rank's gradient is its shard).
+
+The serving engine on the group (:mod:`flexc.runtime.tp_engine`, started by
+``run_tp`` or under ``torchrun``) keeps one scheduler, on rank 0; the other
+ranks mirror it through one small protocol. Rank 0 broadcasts a
+:class:`RankMessage` (:func:`broadcast_message`) for every event that touches
+what all ranks hold, in the order it happens, and the others apply each in
+turn (``run_worker``). A message is an :class:`Op` and its arguments (ids,
+counts, sequences, adapter tensors being registered), never model weights or
+activations:
+
+========================  ========================================================================
+``STEP`` (batch)          the iteration's :class:`~flexc.runtime.batch.SchedulerOutput`: run its
+                          forward tokens and its backward windows (``batch.finetune_backward``);
+                          a finetuning sequence id not seen before is the queue's next one
+``LOAD_ADAPTER``          ``Engine.load_adapter(name, path, seed, init)``: each rank reads the
+                          directory (or draws the same fresh tensors) and keeps its shards
+``ADD_ADAPTER_TENSORS``   ``Engine.add_adapter_tensors(name, state)``, the whole tensors inline
+``FINETUNE``              ``Engine.finetune(dataset, **options)`` with the dataset as sequences
+``SAVE_ADAPTER``          ``Engine.save_adapter(name, directory)``: every rank joins the gather
+                          of the shards, rank 0 writes the PEFT directory
+``PROFILE``               every rank times the latency model's synthetic batches (start-up)
+``STOP``                  leave the worker loop
+========================  ========================================================================
+
+Sampling needs no message back: the logits are replicated, so rank 0's sampled
+tokens are the result. Adapter weights, gradients, fp32 masters and optimizer
+state are each rank's shards (:class:`ShardPlan` cuts and gathers them); the
+optimizer's update is elementwise, so the shards stay the shards of the
+single-process update.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import os
 import socket
@@ -33,10 +63,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flexc.ir.graph import NODE_INFO
 from flexc.ir.parallel import Placement, Replicate, Shard
 from flexc.ir.sharded import bind_group
 from flexc.ir.program import RegionProgram
 from flexc.ir.regions import TOKEN_INPUTS, LayerRegion, causal_lm_parts
+from flexc.runtime.batch import SchedulerOutput
 from flexc.runtime.regions import RegionRunner
 
 if TYPE_CHECKING:
@@ -44,9 +76,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParallelDims", "init_tp", "spawn", "broadcast_batch", "shard_tensor", "layer_shards", "TPRegionRunner",
-           "load_sharded_model"]
-
+__all__ = ["ParallelDims", "init_tp", "spawn", "start_workers", "broadcast_batch", "shard_tensor", "layer_shards", "TPRegionRunner",
+           "load_sharded_model", "ShardPlan", "Op", "RankMessage", "broadcast_message"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,14 +98,21 @@ class ParallelDims:
             raise ValueError(f"rank {self.rank} is not in a tensor-parallel group of {self.tp}")
 
 
-def init_tp(tp: Optional[int] = None, backend: Optional[str] = None) -> ParallelDims:
-    """Join (or create) the default process group from the torchrun environment; tp must equal the world size."""
+def init_tp(tp: Optional[int] = None, backend: Optional[str] = None,
+            init_method: Optional[str] = None) -> ParallelDims:
+    """Join (or create) the default process group from the torchrun environment; tp must equal the world size.
+
+    ``init_method`` (from :func:`start_workers`): join that local group of ``tp`` ranks as rank 0 instead.
+    """
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":   # NOTE: pick the device before the group exists, so NCCL binds to it
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))))
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        if init_method is not None:
+            dist.init_process_group(backend, init_method=init_method, rank=0, world_size=tp)
+        else:
+            dist.init_process_group(backend)
     world = dist.get_world_size()
     if tp is not None and tp != world:
         raise ValueError(f"tp={tp} but the world has {world} ranks; flexc runs tensor parallelism over the world")
@@ -112,11 +150,57 @@ def spawn(fn: Callable[..., Any], tp: int, *args: Any, backend: str = "gloo", st
                        start_method=start_method)
 
 
-def broadcast_batch(dims: ParallelDims, batch: Optional[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Rank 0's batch description (a dict of CPU tensors) on every rank; other ranks pass None."""
-    box = [batch if dims.rank == 0 else None]
+def _broadcast_object(dims: ParallelDims, obj: Any) -> Any:
+    box = [obj if dims.rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def start_workers(fn: Callable[..., Any], tp: int, *args: Any, backend: str = "gloo", start_method: str = "spawn",
+                  threads: int = 0) -> tuple[str, list]:
+    """Start ranks 1..tp-1 of a local group (127.0.0.1) as processes running ``fn(dims, *args)``; this process
+    then joins as rank 0 with ``init_tp(tp, backend, init_method)``. Returns (init_method, the processes)."""
+    import torch.multiprocessing as mp
+    port = _free_port()
+    ctx = mp.get_context(start_method)
+    procs = [ctx.Process(target=_spawn_entry, args=(r, fn, tp, port, backend, args, threads)) for r in range(1, tp)]
+    for p in procs:
+        p.start()
+    return f"tcp://127.0.0.1:{port}", procs
+
+
+def broadcast_batch(dims: ParallelDims, batch: Optional[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Rank 0's batch description (a dict of CPU tensors) on every rank; other ranks pass None."""
+    return _broadcast_object(dims, batch)
+
+
+class Op(str, enum.Enum):
+    """What a :class:`RankMessage` asks the other ranks to do (the table in the module docstring)."""
+
+    STEP = "step"
+    LOAD_ADAPTER = "load_adapter"
+    ADD_ADAPTER_TENSORS = "add_adapter_tensors"
+    FINETUNE = "finetune"
+    SAVE_ADAPTER = "save_adapter"
+    PROFILE = "profile"
+    STOP = "stop"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankMessage:
+    """One event rank 0 broadcasts; every other rank applies it before the next one."""
+
+    op: Op
+    batch: Optional[SchedulerOutput] = None
+    """For ``STEP``: the iteration's batch description (ids and counts, no tensors)."""
+    args: dict = dataclasses.field(default_factory=dict)
+    """For the engine calls: the keyword arguments rank 0's call was made with (data and whole adapter
+    tensors inline, so no rank needs rank 0's files or tokenizer for them)."""
+
+
+def broadcast_message(dims: ParallelDims, msg: Optional[RankMessage]) -> RankMessage:
+    """Rank 0's message on every rank; other ranks pass None and block until it comes."""
+    return _broadcast_object(dims, msg)
 
 
 def shard_tensor(t: torch.Tensor, placement: Placement, rank: int, tp: int) -> torch.Tensor:
@@ -180,7 +264,7 @@ def load_sharded_model(compiled: "CompiledModel", path: str, dims: ParallelDims,
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(compiled.source.config, dtype=dtype)
         model = get_peft_model(model, compiled.lora.to_peft()) if compiled.lora is not None else model
-    plan = _Placements(compiled, model)
+    plan = ShardPlan(compiled, model, dims)
     for name, p in list(model.named_parameters()):
         placement = plan.placement(name)
         if name in adapter_state:
@@ -200,12 +284,22 @@ def load_sharded_model(compiled: "CompiledModel", path: str, dims: ParallelDims,
     return model
 
 
-class _Placements:
-    """Placement of a model parameter (by ``model.named_parameters()`` name) in a compiled TP plan."""
+class ShardPlan:
+    """Where each model parameter (by ``model.named_parameters()`` name) lives in a compiled TP plan, and the
+    moves between a whole tensor and this rank's shard.
 
-    def __init__(self, compiled: "CompiledModel", model: nn.Module):
+    ``shard`` cuts a whole tensor (an adapter file, a fresh init); ``gather`` rebuilds it from every rank's
+    shard and ``all_true`` agrees on a flag: both are collectives, so every rank calls them in the same order.
+    ``model`` may hold whole tensors or, from :func:`load_sharded_model`, this rank's shards
+    (``model_sharded=True``); :meth:`whole_shape` gives the whole shape either way.
+    """
+
+    def __init__(self, compiled: "CompiledModel", model: nn.Module, dims: Optional[ParallelDims] = None,
+                 model_sharded: bool = False):
         self.compiled = compiled
         self.report = _parallel_report(compiled)
+        self.rank, self.tp = (dims.rank, dims.tp) if dims is not None else (0, self.report.tp)
+        self.model_sharded = model_sharded
         lm = causal_lm_parts(model)
         prefix = {id(m): n for n, m in model.named_modules()}
         self.layer_prefix = [prefix[id(layer)] for layer in lm.model.layers]
@@ -217,12 +311,50 @@ class _Placements:
                 return self.report.placements[self.compiled.graph.layer_regions[i]].get(fqn, Replicate())
         return Replicate()
 
+    def shard(self, param_name: str, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the whole tensor of parameter ``param_name``."""
+        return shard_tensor(whole, self.placement(param_name), self.rank, self.tp)
+
+    def gather(self, param_name: str, local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor from every rank's shard (collective; a replicated tensor comes back as is)."""
+        p = self.placement(param_name)
+        if not isinstance(p, Shard):
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.tp)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts, p.dim)
+
+    def whole_shape(self, param_name: str, shape: Sequence[int]) -> tuple[int, ...]:
+        """The whole shape of a parameter whose tensor in ``model`` has ``shape``."""
+        p = self.placement(param_name)
+        out = list(shape)
+        if self.model_sharded and isinstance(p, Shard):
+            out[p.dim] *= self.tp
+        return tuple(out)
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (collective)."""
+        t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
 
 def _parallel_report(compiled: "CompiledModel") -> Any:
     for rec in compiled.passes:
         if rec.name == "parallelize":
             return rec.report
     raise ValueError("the compiled model has no 'parallelize' pass record; compile with tp>1 and the pass")
+
+
+def _local_kv_heads(compiled: "CompiledModel", tp: int) -> int:
+    """KV heads one rank attends over (what its paged cache holds): the attention op's key input as the
+    parallelize pass placed it, Shard on the head dim -> num_kv_heads / tp."""
+    heads = compiled.graph.model["num_kv_heads"]
+    region = compiled.regions[compiled.graph.layer_regions[0]]
+    for n in region.fw.graph.find_nodes(op="call_function", target=torch.ops.flexc.attention.default):
+        key = n.args[1].meta[NODE_INFO]          # k: [T, num_kv_heads, head_dim]
+        return heads // tp if isinstance(key.placement, Shard) and key.placement.dim == 1 else heads
+    return heads
 
 
 class TPRegionRunner(RegionRunner):
@@ -252,8 +384,9 @@ class TPRegionRunner(RegionRunner):
         self.layer_params = [layer_shards(LayerRegion(layer), {} if sharded else report.placements[layer_regions[i]],
                                           dims.rank, dims.tp) for i, layer in enumerate(layers)]
         super().__init__(compiled, model, programs=programs, layer_modules=self.layer_params)
-        self._plan = _Placements(compiled, model)
+        self.shards = ShardPlan(compiled, model, dims, model_sharded=sharded)
+        self.num_kv_heads = _local_kv_heads(compiled, dims.tp)
 
     def placement(self, param_name: str) -> Placement:
         """Placement of a model parameter (by ``model.named_parameters()`` name) in this plan."""
-        return self._plan.placement(param_name)
+        return self.shards.placement(param_name)

@@ -12,6 +12,8 @@ given prompts finish; :meth:`Engine.submit` / :meth:`Engine.step` /
     out[0].text, out[0].token_ids, out[0].ttft, out[0].tpot
 
 Greedy at temperature 0 gives the tokens of transformers ``generate(do_sample=False)``.
+On a tensor-parallel group the same engine runs on every rank (``from_pretrained(..., dims=...)``, launched
+by :func:`flexc.runtime.tp_engine.run_tp`): rank 0 drives it, the others mirror it.
 A bad request (empty prompt, prompt not shorter than the context, unknown
 adapter, max_new_tokens <= 0, ...) raises ``ValueError`` from ``submit``; in
 ``generate`` it gets a result with ``error`` set while the others complete.
@@ -28,17 +30,19 @@ import torch
 from torch import nn
 
 from flexc.runtime.adapters import AdapterRegistry
-from flexc.runtime.batch import ExecutorOutput, SamplingParams, SeqKind
+from flexc.runtime.batch import ExecutorOutput, SamplingParams, SchedulerOutput, SeqKind
 from flexc.runtime.coserve import FinetuneQueue, InferenceOnlyPolicy, iteration_work, make_policy, profile_latency
 from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, save_peft_adapter
 from flexc.runtime.latency import LatencyModel
 from flexc.runtime.metrics import EngineMetrics, MetricsRecorder
 from flexc.runtime.executor import ATTENTION_MODES, Executor, make_kv_spec
 from flexc.runtime.kv_cache import KVCacheManager, make_num_blocks
+from flexc.runtime.regions import RegionRunner
 from flexc.runtime.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulingPolicy
 
 if TYPE_CHECKING:
     from flexc.compiler import CompiledModel
+    from flexc.runtime.distributed import ParallelDims
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +132,10 @@ class Engine:
     """Continuous-batching inference over a compiled model with many resident LoRA adapters."""
 
     def __init__(self, compiled: "CompiledModel", model: nn.Module, *, tokenizer: Any = None,
-                 config: Optional[EngineConfig] = None, policy: Optional[SchedulingPolicy] = None):
+                 config: Optional[EngineConfig] = None, policy: Optional[SchedulingPolicy] = None,
+                 runner: Optional["RegionRunner"] = None):
+        """``runner`` runs the regions (default: the whole ``model`` in this process; a ``TPRegionRunner`` for
+        one rank of a tensor-parallel group, whose KV heads and adapter shards this engine then holds)."""
         self.config = config or EngineConfig()
         self.compiled = compiled
         self.model = model
@@ -137,10 +144,11 @@ class Engine:
         self.max_model_len = int(getattr(hf_cfg, "max_position_embeddings", None) or compiled.seq_len)
         self.vocab_size = int(compiled.graph.model["vocab_size"])
         dtype = next(model.parameters()).dtype
-        kv_spec = make_kv_spec(compiled, dtype, self.config.block_size)
+        runner = runner if runner is not None else RegionRunner(compiled, model)
+        kv_spec = make_kv_spec(compiled, dtype, self.config.block_size, num_kv_heads=runner.num_kv_heads)
         num_blocks = make_num_blocks(kv_spec, num_tokens=self.config.kv_cache_tokens,
                                      memory_budget=self.config.kv_cache_bytes)
-        self.adapters = AdapterRegistry(compiled.lora, model, self.config.max_adapters)
+        self.adapters = AdapterRegistry(compiled.lora, model, self.config.max_adapters, shards=runner.shards)
         self.kv = KVCacheManager(num_blocks, kv_spec.block_size)
         self.latency = LatencyModel(len(compiled.graph.layer_regions))
         if isinstance(policy, str):
@@ -149,7 +157,7 @@ class Engine:
                                                    max_num_seqs=self.config.max_num_seqs,
                                                    max_model_len=self.max_model_len), self.kv, policy)
         self.executor = Executor(compiled, model, kv_spec=kv_spec, num_blocks=num_blocks, adapters=self.adapters,
-                                 attention=self.config.attention)
+                                 attention=self.config.attention, runner=runner)
         self.eos_token_ids = self._eos_ids(model)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -167,24 +175,35 @@ class Engine:
                         kv_cache_tokens: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
                         dtype: str = "fp32", token_budget: int = 512, block_size: int = 16,
                         attention: str = "batched", policy: Union[None, str, SchedulingPolicy] = None,
-                        tpot_slo: float = 0.2, ttft_slo: float = 5.0,
-                        latency_profile: Optional[str] = None) -> "Engine":
+                        tpot_slo: float = 0.2, ttft_slo: float = 5.0, latency_profile: Optional[str] = None,
+                        dims: Optional["ParallelDims"] = None) -> "Engine":
         """Compile ``name_or_path`` (see ``flexc.resolve_model``), load its weights and tokenizer.
 
         ``lora``: None (base model only), True, a ``LoraSpec``, its dict or a ``peft.LoraConfig``: the adapter
         structure every adapter served by this engine must fit (same rank, targets a subset).
+        ``dims``: this process's rank in a tensor-parallel group (``run_tp`` passes it): compiled for
+        ``tp=dims.tp``, the result is a :class:`~flexc.runtime.tp_engine.TPEngine` holding this rank's shards.
         """
         # NOTE: lazy imports: flexc/ sits above runtime/ (flexc -> runtime), only this constructor reaches up
         from flexc.compiler import compile as flexc_compile
+        from flexc.compiler import model_shape
         from flexc.models import LoraSpec, load_model, load_tokenizer, resolve_model
+        from flexc.passes.parallelize import check_tp
         source = resolve_model(name_or_path)
         spec = LoraSpec.coerce(lora)
+        tp = dims.tp if dims is not None else 1
+        check_tp(model_shape(source), tp)
         # NOTE: the training passes (memory plan) have nothing to plan for a base-only engine: skip them there
-        compiled = flexc_compile(source, lora=spec, dtype=dtype, builtin_passes=None if spec is not None else ())
+        passes = None if spec is not None else ("parallelize",) if tp > 1 else ()
+        compiled = flexc_compile(source, lora=spec, dtype=dtype, builtin_passes=passes,
+                                 **({"tp": tp} if tp > 1 else {}))
         model = load_model(source, spec, dtype)
         config = EngineConfig(kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
                               token_budget=token_budget, max_adapters=max_adapters, attention=attention,
                               tpot_slo=tpot_slo, ttft_slo=ttft_slo, latency_profile=latency_profile)
+        if tp > 1:
+            from flexc.runtime.tp_engine import TPEngine
+            return TPEngine(compiled, model, dims, tokenizer=load_tokenizer(source), config=config, policy=policy)
         return cls(compiled, model, tokenizer=load_tokenizer(source), config=config, policy=policy)
 
     @staticmethod
@@ -290,9 +309,7 @@ class Engine:
                 raise RuntimeError("no request could be scheduled although some are unfinished "
                                    f"({self.scheduler.num_waiting} waiting, {self.scheduler.num_running} running)")
             return []
-        ft = self.finetune_queue.sequences
-        result = self.executor.execute(batch, ft) if batch.seqs else ExecutorOutput(sampled_token_ids={})
-        ft_done = self._finetune_after_forward(batch)
+        result, ft_done = self._run_batch(batch)
         updates = self.scheduler.update_from_output(batch, result)
         now = time.perf_counter()
         self._record(batch, t0, now - t0, len(updates), ft_done)
@@ -313,6 +330,13 @@ class Engine:
             events.append(TokenEvent(request_id=u.req_id, token_id=u.new_token_ids[-1], finished=finished,
                                      finish_reason=t.finish_reason))
         return events
+
+    def _run_batch(self, batch: SchedulerOutput) -> tuple[ExecutorOutput, int]:
+        """Execute a scheduled batch: its forward tokens, then its backward windows (what every tensor-parallel
+        rank repeats). Returns the sampled tokens and the finetuning tokens whose sequence finished."""
+        ft = self.finetune_queue.sequences
+        result = self.executor.execute(batch, ft) if batch.seqs else ExecutorOutput(sampled_token_ids={})
+        return result, self._finetune_after_forward(batch)
 
     def _finetune_after_forward(self, batch) -> int:
         """Free the KV of finetuning sequences whose forward completed, run the scheduled backward windows and
@@ -383,9 +407,11 @@ class Engine:
             else:
                 self.load_adapter(adapter, seed=seed)
         layouts = make_layouts(self.executor.runner)
+        shards = self.executor.runner.shards
         job = FinetuneJob(f"job-{next(self._job_ids)}", data, self.adapters.get(adapter).weights, cfg,
                           lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid), adapter_name=adapter,
-                          peft_config=self.compiled.lora.to_peft())
+                          peft_config=self.compiled.lora.to_peft(),
+                          all_ranks=shards.all_true if shards is not None else None)
         self.finetune_queue.add(job)
         return job
 
@@ -393,7 +419,7 @@ class Engine:
         """Write adapter ``name`` in PEFT format (loads with ``peft.PeftModel.from_pretrained``)."""
         if self.compiled.lora is None:
             raise ValueError("this engine was compiled without LoRA: there is no adapter to save")
-        save_peft_adapter(directory, self.adapters.get(name).weights, "default", self.compiled.lora.to_peft())
+        save_peft_adapter(directory, self.adapters.whole_weights(name), "default", self.compiled.lora.to_peft())
 
     def has_work(self) -> bool:
         """Requests unfinished, or finetuning left that the policy will run."""

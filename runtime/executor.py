@@ -57,11 +57,13 @@ ATTENTION_MODES = ("batched", "op")
 _LAYER_USER_INPUTS = 4   # (h, cos, sin, cu_seqlens)
 
 
-def make_kv_spec(compiled: "CompiledModel", dtype: torch.dtype, block_size: int = 16) -> KVCacheSpec:
-    """The paged cache shape of a compiled model (from the artifact's model summary)."""
+def make_kv_spec(compiled: "CompiledModel", dtype: torch.dtype, block_size: int = 16,
+                 num_kv_heads: Optional[int] = None) -> KVCacheSpec:
+    """The paged cache shape of a compiled model (from the artifact's model summary); ``num_kv_heads``: the
+    heads one rank holds at tp > 1 (``TPRegionRunner.num_kv_heads``), default all."""
     m = compiled.graph.model
-    return KVCacheSpec(num_layers=m["num_layers"], num_kv_heads=m["num_kv_heads"], head_dim=m["head_dim"],
-                       dtype=dtype, block_size=block_size)
+    return KVCacheSpec(num_layers=m["num_layers"], num_kv_heads=num_kv_heads or m["num_kv_heads"],
+                       head_dim=m["head_dim"], dtype=dtype, block_size=block_size)
 
 
 def _inference_forward(program: "RegionProgram", batched_attention: bool) -> Callable[..., Any]:
@@ -144,15 +146,21 @@ class Executor:
     """Owns the KV cache tensors and runs scheduled batches through the compiled regions.
 
     ``model`` is the (PEFT-wrapped) model with real weights whose structure the compiled artifact describes;
-    ``adapters`` the resident adapters (None: a base-model engine).
+    ``adapters`` the resident adapters (None: a base-model engine); ``runner`` runs the regions (default a
+    :class:`RegionRunner` of ``model``; on a tensor-parallel rank a ``TPRegionRunner``, whose sharded graphs
+    attend over the rank's KV heads: ``kv_spec`` must hold those).
     """
 
     def __init__(self, compiled: "CompiledModel", model: nn.Module, *, kv_spec: KVCacheSpec, num_blocks: int,
-                 adapters: Optional["AdapterRegistry"] = None, attention: str = "batched"):
+                 adapters: Optional["AdapterRegistry"] = None, attention: str = "batched",
+                 runner: Optional[RegionRunner] = None):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.compiled = compiled
-        self.runner = RegionRunner(compiled, model)
+        self.runner = runner if runner is not None else RegionRunner(compiled, model)
+        if kv_spec.num_kv_heads != self.runner.num_kv_heads:
+            raise ValueError(f"kv_spec holds {kv_spec.num_kv_heads} KV heads, the runner attends over "
+                             f"{self.runner.num_kv_heads}")
         self.adapters = adapters
         self.kv_spec = kv_spec
         self.num_blocks = num_blocks

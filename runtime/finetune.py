@@ -112,7 +112,9 @@ class FinetuneJob:
 
     def __init__(self, job_id: str, sequences: Sequence[Any], params: dict[str, torch.Tensor], config: FinetuneConfig,
                  make_sequence: Callable[[Any, float, str], FinetuneSequence], adapter_name: str = "default",
-                 peft_config: Any = None):
+                 peft_config: Any = None, all_ranks: Optional[Callable[[bool], bool]] = None):
+        """``params``: the live adapter tensors (at tp > 1 this rank's shards, trained as such); ``all_ranks``
+        (tp > 1): whether a flag holds on every rank, so that all ranks skip the same non-finite steps."""
         if not sequences:
             raise ValueError(f"job {job_id}: the dataset is empty")
         self.job_id = job_id
@@ -122,6 +124,7 @@ class FinetuneJob:
         self.data = list(sequences)
         self.params = params
         self._make_sequence = make_sequence
+        self._all_ranks = all_ranks
         self.master = {n: p.detach().to(torch.float32).clone().requires_grad_(True) for n, p in params.items()}
         self.grad_acc = {n: torch.zeros_like(m) for n, m in self.master.items()}
         self.optimizer = self._build_optimizer()
@@ -204,6 +207,8 @@ class FinetuneJob:
 
     def _optimizer_step(self) -> None:
         loss = sum(self._step_losses) / max(len(self._step_losses), 1)
+        if self._all_ranks is not None:          # NOTE: each rank saw only its gradient shards
+            self._step_finite = self._all_ranks(self._step_finite)
         if self._step_finite:
             for name, m in self.master.items():
                 m.grad = self.grad_acc[name]

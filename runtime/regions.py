@@ -22,6 +22,7 @@ from flexc.ir.regions import TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion,
 
 if TYPE_CHECKING:
     from flexc.compiler import CompiledModel
+    from flexc.runtime.distributed import ShardPlan
 
 __all__ = ["RegionRunner", "TrainStepResult"]
 
@@ -61,6 +62,10 @@ class RegionRunner:
             name: RegionProgram(r.fw, r.bw, TOKEN_INPUTS[name.split(".")[0]]) for name, r in compiled.regions.items()}
         prefix = {id(m): n for n, m in model.named_modules()}
         self._layer_prefix = [prefix[id(layer)] for layer in self.layers]
+        self.num_kv_heads: int = compiled.graph.model["num_kv_heads"]
+        """KV heads the attention runs over (the tensor-parallel runner: this rank's)."""
+        self.shards: Optional["ShardPlan"] = None
+        """Where each parameter lives at tp > 1 (set by the tensor-parallel runner); None: all tensors whole."""
 
     def layer_prefix(self, i: int) -> str:
         """Name prefix of decoder layer i's parameters in ``model.named_parameters()``."""

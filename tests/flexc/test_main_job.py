@@ -121,3 +121,13 @@ def test_cli_bad_rate_is_one_line(capsys):
     assert cli_main(["run", "--rate", "-2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--rate" in err[0]
+
+
+@pytest.mark.parametrize("tp,needle", [(0, "--tp must be >= 1, got 0"),
+                                       (2, "--tp=2 does not divide num_heads=9; allowed tp for this model: 1, 3")])
+def test_cli_bad_tp_is_one_line(capsys, tp, needle):
+    """A --tp that is not positive or does not split SmolLM2's 9 heads is one line naming the allowed values,
+    before any rank starts."""
+    assert cli_main(["run", "--tp", str(tp), "--duration", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]

@@ -1,12 +1,12 @@
 """Tensor-parallel execution on gloo with 2 processes: parity with the single-process run."""
 import pytest
-from safetensors.torch import save_file
 
 import flexc
 from flexc.ir.parallel import Shard
 from flexc.models import LoraSpec, load_model, resolve_model
 from flexc.runtime.distributed import TPRegionRunner, broadcast_batch, load_sharded_model, shard_tensor, spawn
 from flexc.runtime.regions import RegionRunner
+from tests.runtime.utils import save_base_weights
 from tests.utils import packed_batch, randomize_lora, rel_err, write_config
 
 TP = 2
@@ -45,14 +45,6 @@ def _parity(dims, cm, model, ckpt_dir):
     assert w.shape[0] == cfg.hidden_size // dims.tp
 
 
-def _save_base(model, path):
-    """The base weights in Hugging Face layout (model.safetensors), as a checkpoint directory holds them."""
-    state = {n.removeprefix("base_model.model.").replace(".base_layer.", "."): p.detach().contiguous()
-             for n, p in model.named_parameters() if "lora_" not in n}
-    save_file(state, str(path / "model.safetensors"))
-    return str(path)
-
-
 @pytest.mark.parametrize("arch,passes,from_checkpoint", [("llama", ("parallelize",), True),
                                                          ("qwen2", None, False)])
 def test_tp2_matches_single_process(arch, passes, from_checkpoint, tmp_path):
@@ -62,5 +54,5 @@ def test_tp2_matches_single_process(arch, passes, from_checkpoint, tmp_path):
     cm = flexc.compile(src, builtin_passes=passes, seq_len=16, tp=TP, tokens=2048)
     model = load_model(src, LoraSpec(), "fp32", seed=0)
     randomize_lora(model)
-    ckpt = _save_base(model, tmp_path) if from_checkpoint else None
+    ckpt = save_base_weights(model, tmp_path) if from_checkpoint else None
     spawn(_parity, TP, cm, model, ckpt, start_method="fork", threads=1)   # fork: ranks share cm without pickling

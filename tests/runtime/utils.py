@@ -136,6 +136,15 @@ def save_tiny_adapter(model_dir: str, out_dir: str, seed: int, r: int = 4, targe
     return out_dir
 
 
+def save_base_weights(model, path) -> str:
+    """The base weights in Hugging Face layout (model.safetensors), as a checkpoint directory holds them."""
+    from safetensors.torch import save_file
+    state = {n.removeprefix("base_model.model.").replace(".base_layer.", "."): p.detach().contiguous()
+             for n, p in model.named_parameters() if "lora_" not in n}
+    save_file(state, os.path.join(str(path), "model.safetensors"))
+    return str(path)
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: Optional[int] = None) -> list[int]:
     """transformers generate(do_sample=False) on one unpadded prompt; the new tokens."""
     kw = {} if eos is None else {"eos_token_id": eos}
