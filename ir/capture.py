@@ -62,6 +62,8 @@ class InputRef:
     ``user`` (``index`` into the region's positional arguments),
     ``saved`` (a forward output, ``target`` is the forward node's name),
     ``tangent`` (``index`` of the user output whose gradient it is).
+    The multi-LoRA rewrite of the executor's inference graphs adds its own kinds
+    (stacked adapter tensors, segments; ``passes/multi_lora.py``).
     """
 
     kind: str

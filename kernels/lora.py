@@ -3,7 +3,9 @@
 A mixed batch holds tokens of many requests, each with its own adapter or none.
 The runtime sorts them into *segments* (runs of tokens that use the same adapter)
 and one launch applies every adapter (segment-gather matmul; a decode batch is
-one-token segments, i.e. a gather per token):
+one-token segments, i.e. a gather per token). The serving executor's inference
+graphs call it once per adapted linear for the whole batch
+(``passes/multi_lora.py`` puts it in place of each captured LoRA branch):
 
     flexc::lora(x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling) -> out
       x:           [T, H_in]                 input of the adapted linear
@@ -40,6 +42,7 @@ from flexc.kernels._triton import dot_precision, interpret_enabled, jit, make_ti
 
 __all__ = [
     "make_segments",
+    "lora_forward",
     "lora_shrink",
     "lora_expand",
     "lora_shrink_ref",
@@ -111,16 +114,32 @@ def _segments(num_tokens: int, num_adapters: int, seg_starts: Tensor,
 
 
 # ----------------------------------------------------------------- torch reference
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)      # NOTE: skips the call: the CPU serving path is overhead-bound
+
+
+def _shrink_one(x: Tensor, A: Tensor) -> Tensor:
+    """One adapter's shrink: x [n, H_in], A [r, H_in] -> x A^T [n, r] in x's dtype (fp32 accumulation)."""
+    acc = _acc_dtype(x)
+    return _cast(_cast(x, acc) @ _cast(_cast(A, x.dtype), acc).T, x.dtype)
+
+
+def _expand_one(y: Tensor, u: Tensor, B: Tensor, scale: float) -> Tensor:
+    """One adapter's expand: y [n, H_out] + scale * u [n, r] B^T [r, H_out], summed in fp32, in y's dtype."""
+    acc = _acc_dtype(y)
+    d = (_cast(u, acc) @ _cast(_cast(B, u.dtype), acc).T) * scale
+    return _cast(_cast(y, acc) + d, y.dtype)
+
+
 def lora_shrink_ref(x: Tensor, A_stack: Tensor, seg_starts: Tensor, seg_adapter: Tensor) -> Tensor:
     """u = x A[a]^T per segment (torch reference); zero rows for tokens without adapter.
 
     x: [T, H_in], A_stack: [num_adapters, r, H_in] -> u: [T, r] (dtype of x)
     """
-    acc = _acc_dtype(x)
     u = x.new_zeros((x.shape[0], A_stack.shape[1]))
     for s, e, a in _segments(x.shape[0], A_stack.shape[0], seg_starts, seg_adapter):
         if a >= 0:
-            u[s:e] = (x[s:e].to(acc) @ A_stack[a].to(x.dtype).to(acc).T).to(x.dtype)
+            u[s:e] = _shrink_one(x[s:e], A_stack[a])
     return u
 
 
@@ -131,21 +150,32 @@ def lora_expand_ref(y_base: Tensor, u: Tensor, B_stack: Tensor, seg_starts: Tens
     y_base: [T, H_out], u: [T, r], B_stack: [num_adapters, H_out, r], scaling: [num_adapters]
     -> out: [T, H_out] (dtype of y_base)
     """
-    acc = _acc_dtype(y_base)
     out = y_base.clone()
+    scales = scaling.tolist()                     # fp32 values are exact as Python floats
     for s, e, a in _segments(y_base.shape[0], B_stack.shape[0], seg_starts, seg_adapter):
         if a >= 0:
-            d = (u[s:e].to(acc) @ B_stack[a].to(u.dtype).to(acc).T) * scaling[a].to(acc)
-            out[s:e] = (y_base[s:e].to(acc) + d).to(y_base.dtype)
+            out[s:e] = _expand_one(y_base[s:e], u[s:e], B_stack[a], scales[a])
     return out
 
 
 def lora_ref(x: Tensor, base_out: Tensor, A_stack: Tensor, B_stack: Tensor, seg_starts: Tensor,
              seg_adapter: Tensor, scaling: Tensor) -> Tensor:
-    """The forward of ``flexc::lora`` (torch reference); shapes in the module docstring."""
+    """The forward of ``flexc::lora`` (torch reference); shapes in the module docstring.
+
+    Per segment the shrink and the expand above, fused (u is never scattered into a [T, r] buffer), and a
+    batch that is one adapted segment is computed without the copy of ``base_out``.
+    """
     _check_shapes(x, A_stack, B_stack, seg_starts, seg_adapter, scaling)
-    u = lora_shrink_ref(x, A_stack, seg_starts, seg_adapter)
-    return lora_expand_ref(base_out, u, B_stack, seg_starts, seg_adapter, scaling)
+    segs = _segments(x.shape[0], A_stack.shape[0], seg_starts, seg_adapter)
+    scales = scaling.tolist()
+    if len(segs) == 1 and segs[0][2] >= 0:
+        a = segs[0][2]                            # NOTE: the segments tile the batch, so this one covers it
+        return _expand_one(base_out, _shrink_one(x, A_stack[a]), B_stack[a], scales[a])
+    out = base_out.clone()
+    for s, e, a in segs:
+        if a >= 0:
+            out[s:e] = _expand_one(base_out[s:e], _shrink_one(x[s:e], A_stack[a]), B_stack[a], scales[a])
+    return out
 
 
 def lora_backward_ref(dout: Tensor, x: Tensor, A_stack: Tensor, B_stack: Tensor, seg_starts: Tensor,
@@ -412,12 +442,22 @@ def lora_expand(y_base: Tensor, u: Tensor, B_stack: Tensor, seg_starts: Tensor, 
     return _backend_for(u).expand(y_base, u, B_stack, seg_starts, seg_adapter, scaling)
 
 
+def lora_forward(x: Tensor, base_out: Tensor, A_stack: Tensor, B_stack: Tensor, seg_starts: Tensor,
+                 seg_adapter: Tensor, scaling: Tensor) -> Tensor:
+    """What ``flexc::lora`` computes, as a plain call (no dispatcher, no autograd wrapper).
+
+    For graphs run under ``no_grad`` (the serving executor's inference graphs): on the CPU the op's Python
+    wrapper costs about as much as the LoRA math of a decode batch. Shapes in the module docstring.
+    """
+    return _backend_for(x).forward(x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling)
+
+
 # ----------------------------------------------------------------- custom ops
 @torch.library.custom_op("flexc::lora", mutates_args=())
 def lora(x: Tensor, base_out: Tensor, A_stack: Tensor, B_stack: Tensor, seg_starts: Tensor,
          seg_adapter: Tensor, scaling: Tensor) -> Tensor:
     """base_out plus every segment's adapter applied to x; see the module docstring for shapes."""
-    return _backend_for(x).forward(x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling)
+    return lora_forward(x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling)
 
 
 @lora.register_fake

@@ -2,14 +2,22 @@
 
 The compiled layer template has the LoRA matmuls of ONE adapter structure
 (rank r, target projections, scaling alpha/r baked in); every resident adapter
-must fit it. The executor binds an adapter's ``lora_A``/``lora_B`` tensors
-into the template's placeholders in place of the model's own, so any number of
-adapters share one copy of the base weights.
+must fit it. Any number of adapters share one copy of the base weights.
 
 What fits: the same rank; targets that are a subset of the compiled targets
 (the missing projections get zero weights, which is exact); a different
 scaling (alpha, rsLoRA) is folded into ``lora_B`` (exact up to one rounding).
 Anything else is a :class:`ValueError` that says what differs.
+
+Storage: per LoRA parameter of the model, one *stack* ``[max_adapters, *shape]``
+(``lora_A``: ``[max_adapters, r, H_in]``, ``lora_B``: ``[max_adapters, H_out, r]``)
+allocated up front, as vLLM's ``max_loras`` buffers; each resident adapter owns
+a *slot* (an index into every stack) and its ``weights`` are views of its slot.
+The inference graphs read the stacks (``flexc::lora`` picks the slot per token
+segment) and finetuning binds the views and updates them in place after every
+optimizer step, so inference sees each new version with no copy and nothing to
+re-bind. An adapter that is removed or replaced gets private copies of its
+tensors first (a job still holding them no longer writes into the slot).
 
 Weights are kept by the model's parameter names, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``.
@@ -51,12 +59,15 @@ class Adapter:
     shards)."""
     source: str
     """Where it came from: a directory path, ``fresh`` or ``tensors``."""
+    slot: int = -1
+    """Index of this adapter's entry in every stack of the registry."""
     version: int = 0
-    """Bumped when the weights change (the executor re-binds)."""
+    """Registration count of the registry when this adapter was (re)registered. In-place updates (finetuning
+    steps) do not change it: the stacks are the storage, so readers see them anyway."""
 
 
 class AdapterRegistry:
-    """Many adapters resident at once for one compiled model (up to ``max_adapters``)."""
+    """Many adapters resident at once for one compiled model (up to ``max_adapters``), stored in stacks."""
 
     def __init__(self, spec: Optional["LoraSpec"], model: nn.Module, max_adapters: int = 8,
                  shards: Optional["ShardPlan"] = None):
@@ -67,8 +78,15 @@ class AdapterRegistry:
         self.max_adapters = max_adapters
         self.adapters: dict[str, Adapter] = {}
         self.shards = shards
+        lora = {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
         self._shapes = {n: (shards.whole_shape(n, p.shape) if shards is not None else tuple(p.shape), p.dtype)
-                        for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+                        for n, p in lora.items()}
+        # NOTE: max_adapters slots reserved up front, so the stacks (what the inference graphs bind) never move;
+        # on a tensor-parallel rank they hold this rank's shards
+        local = {n: shards.local_shape(n, self._shapes[n][0]) if shards is not None else tuple(p.shape)
+                 for n, p in lora.items()}
+        self._stacks = {n: torch.zeros((max_adapters, *local[n]), dtype=p.dtype, device=p.device)
+                        for n, p in lora.items()}
         self._version = 0
 
     # ------------------------------------------------------------------ lookup
@@ -90,8 +108,20 @@ class AdapterRegistry:
             return weights
         return {n: self.shards.gather(n, w) for n, w in weights.items()}
 
+    def slot(self, name: str) -> int:
+        """The stack index of adapter ``name`` (ValueError naming the loaded adapters if unknown)."""
+        return self.get(name).slot
+
+    def stack(self, param_name: str) -> torch.Tensor:
+        """The stack of the model parameter ``param_name``: ``[max_adapters, *shape]``, slot i = adapter in slot i
+        (free slots hold stale values no segment selects)."""
+        if param_name not in self._stacks:
+            raise ValueError(f"{param_name!r} is not a LoRA parameter of the compiled model "
+                             f"(e.g. {next(iter(self._stacks), 'none')!r})")
+        return self._stacks[param_name]
+
     def remove(self, name: str) -> None:
-        self.get(name)
+        _detach(self.get(name))
         del self.adapters[name]
 
     # ------------------------------------------------------------------ registration
@@ -108,8 +138,20 @@ class AdapterRegistry:
     def _put(self, name: str, weights: dict[str, torch.Tensor], source: str) -> Adapter:
         if self.shards is not None:           # NOTE: checked and initialised whole, kept as this rank's shards
             weights = {n: self.shards.shard(n, w) for n, w in weights.items()}
+        old = self.adapters.pop(name, None)
+        if old is not None:
+            _detach(old)
+            slot = old.slot
+        else:
+            taken = {a.slot for a in self.adapters.values()}
+            slot = next(i for i in range(self.max_adapters) if i not in taken)   # _check_room made room
+        with torch.no_grad():
+            for n, w in weights.items():
+                view = self._stacks[n][slot]
+                view.copy_(w)
+                weights[n] = view
         self._version += 1
-        ad = Adapter(name=name, weights=weights, source=source, version=self._version)
+        ad = Adapter(name=name, weights=weights, source=source, slot=slot, version=self._version)
         self.adapters[name] = ad
         logger.info("adapter %s resident (%s, %d tensors)", name, source, len(weights))
         return ad
@@ -211,8 +253,15 @@ class AdapterRegistry:
             w = w.detach().to(dtype)
             if ".lora_B." in n and scale != 1.0:
                 w = w * scale
-            out[n] = w.contiguous().clone()
+            out[n] = w                          # NOTE: _put copies it into the adapter's stack slot
         present = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in state}
         if not present:
             raise ValueError(f"{where}: the adapter has no lora_A/lora_B tensors")
         return out
+
+
+def _detach(adapter: Adapter) -> None:
+    """Give ``adapter`` private copies of its slot's tensors, in place in its ``weights`` dict (which a finetuning
+    job may hold), before the slot is freed or reused."""
+    for n, w in adapter.weights.items():
+        adapter.weights[n] = w.clone()

@@ -332,6 +332,14 @@ class ShardPlan:
             out[p.dim] *= self.tp
         return tuple(out)
 
+    def local_shape(self, param_name: str, whole_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of this rank's part of a parameter whose whole tensor has ``whole_shape``."""
+        p = self.placement(param_name)
+        out = list(whole_shape)
+        if isinstance(p, Shard):
+            out[p.dim] //= self.tp
+        return tuple(out)
+
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (collective)."""
         t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")

@@ -2,34 +2,44 @@
 
 For a :class:`~flexc.runtime.batch.SchedulerOutput` the executor builds the
 flat batch (token ids, positions, ``cu_seqlens``), the paged-attention context
-(block tables, context lengths, slot of every new token) and runs, per adapter
-group, the embed region, every decoder layer through the template the compiler
-assigned it (``compiled.graph.layer_regions``) with that layer's weights, and
-finally the logits region only for the tokens that sample.
+(block tables, context lengths, slot of every new token) and runs the embed
+region, every decoder layer through the template the compiler assigned it
+(``compiled.graph.layer_regions``) with that layer's weights, and finally the
+logits region only for the tokens that sample.
 
 Multi-LoRA: one batch may mix requests for different adapters and for none.
-The captured layer template has the LoRA matmuls with ``lora_A``/``lora_B`` as
-graph parameters, so this first version runs the template once per adapter
-group of the flat batch, binding that adapter's tensors (zero ``lora_B`` for
-"no adapter", which is exact). Attention only mixes tokens of one sequence, so
-splitting the batch by adapter gives exactly the unsplit result. The follow-up
-is the one-launch multi-LoRA op (``flexc::lora`` in ``kernels/lora.py``), which
-selects the adapter per token inside a single template call.
+All inference sequences (prefill and decode) run together: each layer's
+inference graph is called ONCE per iteration for them. That graph is a copy of
+the layer template in which every LoRA branch is one ``flexc::lora`` call
+(:mod:`flexc.passes.multi_lora`) reading the registry's stacked adapter tensors
+(:class:`~flexc.runtime.adapters.AdapterRegistry`); the sequences are sorted by
+adapter slot so that each adapter's tokens form one segment (``seg_starts``,
+``seg_adapter``, built once per iteration; -1 = no adapter). The sampled rows
+are kept paired with their sequences, so the order does not leak out.
+
+Finetuning chunks (``SeqKind.FINETUNE``) still run apart, one call per layer
+per finetuning adapter: they need the full forward graph, which returns the
+values the backward reads, with that adapter's live tensors bound (the views
+of its stack slot). Attention only mixes tokens of one sequence, so running
+them apart gives exactly the result of running them with the rest.
 
 What it reads from the compiled artifact: the region graphs and their calling
 conventions (``RegionProgram``), which template each layer uses, the model
 shape (``graph.model``); it re-derives nothing. For inference it runs a copy of
-each forward graph that returns only the region outputs (no saved values) and,
-with ``attention="batched"``, calls
+each forward graph that returns only the region outputs (no saved values),
+calls ``flexc::lora``'s body directly (:func:`~flexc.kernels.lora.lora_forward`:
+no op wrapper under ``no_grad``) and, with ``attention="batched"``, calls
 :func:`~flexc.runtime.paged_attention.paged_attention_batched` where the graph
 calls ``flexc::attention`` (same contract, one batched call for all decode
 tokens on the CPU).
 
-Invariant (tests/runtime/test_engine.py): greedy tokens equal transformers
-``generate(do_sample=False)`` (and PEFT's model for each adapter).
+Invariant (tests/runtime/test_engine.py, test_executor.py): greedy tokens equal
+transformers ``generate(do_sample=False)`` (and PEFT's model for each adapter);
+a batch mixing adapters gives each request PEFT's logits for its adapter.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
@@ -38,6 +48,9 @@ import torch.fx as fx
 from torch import nn
 
 from flexc.kernels.attention import paged_context
+from flexc.kernels.lora import lora_forward, make_segments
+from flexc.passes.multi_lora import (A_STACK, B_STACK, SCALING, SEG_ADAPTER, SEG_STARTS, MultiLoraReport,
+                                     rewrite_multi_lora)
 from flexc.runtime.batch import ExecutorOutput, ScheduledSequence, SchedulerOutput, SeqKind
 from flexc.runtime.kv_cache import KVCacheSpec
 from flexc.runtime.paged_attention import BatchedPagedContext, make_decode_groups, paged_attention_batched
@@ -45,6 +58,7 @@ from flexc.runtime.regions import RegionRunner
 
 if TYPE_CHECKING:
     from flexc.compiler import CompiledModel
+    from flexc.ir.capture import InputRef
     from flexc.ir.program import RegionProgram
     from flexc.runtime.adapters import AdapterRegistry
     from flexc.runtime.sequence import FinetuneSequence
@@ -54,7 +68,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["Executor", "make_kv_spec", "ATTENTION_MODES"]
 
 ATTENTION_MODES = ("batched", "op")
-_LAYER_USER_INPUTS = 4   # (h, cos, sin, cu_seqlens)
+_CALL_INPUTS = (0, 1, 2, 3, SEG_STARTS, SEG_ADAPTER)
+"""What each layer call fills in: user inputs 0-3 (h, cos, sin, cu_seqlens) and the multi-LoRA segments."""
 
 
 def make_kv_spec(compiled: "CompiledModel", dtype: torch.dtype, block_size: int = 16,
@@ -66,9 +81,21 @@ def make_kv_spec(compiled: "CompiledModel", dtype: torch.dtype, block_size: int 
                        head_dim=m["head_dim"], dtype=dtype, block_size=block_size)
 
 
-def _inference_forward(program: "RegionProgram", batched_attention: bool) -> Callable[..., Any]:
+@dataclasses.dataclass(frozen=True)
+class _InferenceGraph:
+    """A layer template's inference graph: the callable, what each placeholder is bound to, the LoRA rewrite."""
+
+    forward: Callable[..., Any]
+    inputs: list[InputRef]
+    """``meta['flexc_ref']`` of every placeholder, in order (param/buffer/user and the multi-LoRA kinds)."""
+    lora: MultiLoraReport
+
+
+def _inference_graph(program: "RegionProgram", batched_attention: bool) -> _InferenceGraph:
     """A copy of the region's forward graph that returns only the region outputs (nothing saved for a
-    backward), with ``flexc::attention`` calls pointed at the batched path if asked."""
+    backward), with every LoRA branch replaced by one ``flexc::lora`` call
+    (:func:`~flexc.passes.multi_lora.rewrite_multi_lora`), that op called as :func:`lora_forward`, and
+    ``flexc::attention`` calls pointed at the batched path if asked."""
     fw = program.fw
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -78,17 +105,22 @@ def _inference_forward(program: "RegionProgram", batched_attention: bool) -> Cal
             g.output(tuple(env[outs[i]] for i in program.user_idx))
         else:
             env[n] = g.node_copy(n, lambda x: env[x])
-    if batched_attention:
-        for n in g.nodes:
-            if n.op == "call_function" and n.target is torch.ops.flexc.attention.default:
-                n.target = paged_attention_batched
     g.eliminate_dead_code()
-    return fx.GraphModule(fw, g).forward
+    report = rewrite_multi_lora(g)       # NOTE: after the dead code is gone: the branches' saved values were users
+    # inference runs under no_grad: flexc::lora's body is called without the op's wrapper (see lora_forward)
+    direct = {torch.ops.flexc.lora.default: lora_forward}
+    if batched_attention:
+        direct[torch.ops.flexc.attention.default] = paged_attention_batched
+    for n in g.nodes:
+        if n.op == "call_function" and n.target in direct:
+            n.target = direct[n.target]
+    inputs = [p.meta["flexc_ref"] for p in g.find_nodes(op="placeholder")]
+    return _InferenceGraph(forward=fx.GraphModule(fw, g).forward, inputs=inputs, lora=report)
 
 
 class _FlatBatch:
-    """Tensors of one adapter group: ids/positions [T], cu_seqlens int32 [N+1], the paged context and the rows
-    (token indices) whose logits are sampled."""
+    """Tensors of the sequences run together: ids/positions [T], cu_seqlens int32 [N+1], the paged context and
+    the rows (token indices) whose logits are sampled."""
 
     def __init__(self, seqs: list[ScheduledSequence], block_size: int, k_caches, v_caches, batched: bool):
         ids: list[int] = []
@@ -169,22 +201,68 @@ class Executor:
         self.v_caches = [torch.zeros(shape, dtype=kv_spec.dtype) for _ in range(kv_spec.num_layers)]
         self.batched = attention == "batched"
         # NOTE: one inference graph per template; layers sharing a template share the callable
-        self._forwards = {name: _inference_forward(self.runner.programs[name], self.batched)
-                          for name in set(compiled.graph.layer_regions)}
-        self._layer_forward = [self._forwards[name] for name in compiled.graph.layer_regions]
-        self._bound: dict[Optional[str], tuple[int, list[list[Any]], list[list[int]]]] = {}
+        self._graphs = {name: _inference_graph(self.runner.programs[name], self.batched)
+                        for name in set(compiled.graph.layer_regions)}
+        self._layer_forward = [self._graphs[name].forward for name in compiled.graph.layer_regions]
+        self._has_lora = any(g.lora.modified for g in self._graphs.values())
+        self._vals, self._input_pos = self._bind_layers()
         self._generators: dict[str, torch.Generator] = {}
-        self._has_lora = any(".lora_B." in r.target for name in self._forwards
-                             for r in self.runner.programs[name].fw_inputs if r.kind == "param")
 
-    # ------------------------------------------------------------------ weights per adapter
-    def _overrides(self, i: int, adapter_id: Optional[str]) -> Optional[dict[str, torch.Tensor]]:
+    # ------------------------------------------------------------------ weights
+    def _bind_layers(self) -> tuple[list[list[Any]], list[list[Optional[int]]]]:
+        """Per layer: the inference graph's placeholder values (weights, adapter stacks, scalings; None where
+        :data:`_CALL_INPUTS` go) and the positions of those call inputs. The stacks never move (the registry
+        updates them in place), so this is done once."""
+        num_slots = self.adapters.max_adapters if self.adapters is not None else 0
+        scalings: dict[float, torch.Tensor] = {}          # one fp32 [num_slots] tensor per distinct value
+        vals, positions = [], []
+        for i, name in enumerate(self.compiled.graph.layer_regions):
+            module, prefix, graph = self.runner.layer_modules[i], self.runner.layer_prefix(i), self._graphs[name]
+            v: list[Any] = []
+            pos: list[Optional[int]] = [None] * len(_CALL_INPUTS)
+            for j, r in enumerate(graph.inputs):
+                if r.kind == "param":
+                    v.append(module.get_parameter(r.target))
+                elif r.kind == "buffer":
+                    v.append(module.get_buffer(r.target))
+                elif r.kind in (A_STACK, B_STACK):
+                    v.append(self._stack(module, f"{prefix}.{r.target.removeprefix('layer.')}", r.target))
+                elif r.kind == SCALING:
+                    # NOTE: the same for every slot: the registry folds each adapter's own scaling into lora_B
+                    value = graph.lora.scaling[r.target]
+                    if value not in scalings:
+                        scalings[value] = torch.full((num_slots,), value, dtype=torch.float32)
+                    v.append(scalings[value])
+                else:
+                    pos[_CALL_INPUTS.index(r.index if r.kind == "user" else r.kind)] = j
+                    v.append(None)
+            vals.append(v)
+            positions.append(pos)
+        return vals, positions
+
+    def _stack(self, module: nn.Module, name: str, target: str) -> torch.Tensor:
+        """The stacked adapters of LoRA parameter ``name`` (empty without a registry: no adapter can be asked)."""
+        if self.adapters is not None:
+            return self.adapters.stack(name)
+        p = module.get_parameter(target)
+        return p.new_zeros((0, *p.shape))
+
+    def _slot(self, adapter_id: Optional[str]) -> int:
+        """Stack index of a request's adapter; -1 for none. ValueError naming the adapter if it cannot run."""
+        if adapter_id is None:
+            return -1
         if not self._has_lora:
-            if adapter_id is not None:
-                raise ValueError(f"adapter {adapter_id!r} requested but the engine was compiled without LoRA")
+            raise ValueError(f"adapter {adapter_id!r} requested but the engine was compiled without LoRA")
+        if self.adapters is None:
+            raise ValueError(f"adapter {adapter_id!r} requested but this executor has no adapter registry")
+        return self.adapters.slot(adapter_id)
+
+    def _overrides(self, i: int, adapter_id: Optional[str]) -> Optional[dict[str, torch.Tensor]]:
+        """The finetuning path's binding: adapter ``adapter_id``'s live tensors for the full forward graph."""
+        if not self._has_lora:
             return None
         prog = self.runner.layer_program(i)
-        prefix = self.runner._layer_prefix[i]
+        prefix = self.runner.layer_prefix(i)
         ov = {}
         weights = self.adapters.get(adapter_id).weights if adapter_id is not None else None
         for r in prog.fw_inputs:
@@ -198,28 +276,9 @@ class Executor:
                 ov[r.target] = torch.zeros_like(p)      # no adapter: B = 0 makes the LoRA branch add exactly 0
         return ov
 
-    def _bind(self, adapter_id: Optional[str]) -> tuple[list[list[Any]], list[list[int]]]:
-        """Per layer: placeholder values with the adapter's tensors, and the positions of the user inputs."""
-        version = self.adapters.get(adapter_id).version if adapter_id is not None and self.adapters else 0
-        hit = self._bound.get(adapter_id)
-        if hit is not None and hit[0] == version:
-            return hit[1], hit[2]
-        vals, user_pos = [], []
-        for i in range(len(self.runner.layers)):
-            prog = self.runner.layer_program(i)
-            vals.append(prog.bind(self.runner.layer_modules[i], [None] * _LAYER_USER_INPUTS,
-                                  self._overrides(i, adapter_id)))
-            pos = [0] * _LAYER_USER_INPUTS
-            for j, r in enumerate(prog.fw_inputs):
-                if r.kind == "user":
-                    pos[r.index] = j
-            user_pos.append(pos)
-        self._bound[adapter_id] = (version, vals, user_pos)
-        return vals, user_pos
-
     def forget_adapter(self, adapter_id: str) -> None:
-        """Drop the bound tensors of an adapter (after it was removed or replaced)."""
-        self._bound.pop(adapter_id, None)
+        """Nothing to drop: inference reads every adapter from the registry's stacks, which it updates in place
+        (kept for the engine, which calls it after loading an adapter)."""
 
     # ------------------------------------------------------------------ one iteration
     @torch.no_grad()
@@ -234,18 +293,28 @@ class Executor:
             self._generators.pop(rid, None)
         if not batch.seqs:
             return ExecutorOutput(sampled_token_ids={})
-        groups: dict[Optional[str], list[ScheduledSequence]] = {}
+        inference: list[ScheduledSequence] = []
+        finetuning: dict[Optional[str], list[ScheduledSequence]] = {}
         for s in batch.seqs:
-            if s.kind is SeqKind.FINETUNE and (finetune is None or s.req_id not in finetune):
+            if s.kind is not SeqKind.FINETUNE:
+                inference.append(s)
+            elif finetune is None or s.req_id not in finetune:
                 raise ValueError(f"finetuning sequence {s.req_id}: no finetuning state was given for it")
-            groups.setdefault(s.adapter_id, []).append(s)
-        hs, sample_seqs = [], []
-        for adapter_id, seqs in groups.items():
-            fb = _FlatBatch(seqs, self.kv_spec.block_size, self.k_caches, self.v_caches, self.batched)
-            if any(s.kind is SeqKind.FINETUNE for s in seqs):
-                h = self._run_layers_saving(fb, adapter_id, seqs, finetune)
             else:
-                h = self._run_layers(fb, adapter_id)
+                finetuning.setdefault(s.adapter_id, []).append(s)
+        hs, sample_seqs = [], []
+        for adapter_id, seqs in finetuning.items():
+            fb = _FlatBatch(seqs, self.kv_spec.block_size, self.k_caches, self.v_caches, self.batched)
+            h = self._run_layers_saving(fb, adapter_id, seqs, finetune)
+            if len(fb.rows):
+                hs.append(h.index_select(0, fb.rows))
+                sample_seqs.extend(fb.sample_seqs)
+        if inference:
+            # NOTE: sorted by slot, so each adapter's tokens form one segment of the flexc::lora calls
+            slots = {s.req_id: self._slot(s.adapter_id) for s in inference}
+            seqs = sorted(inference, key=lambda s: slots[s.req_id])
+            fb = _FlatBatch(seqs, self.kv_spec.block_size, self.k_caches, self.v_caches, self.batched)
+            h = self._run_layers(fb, [slots[s.req_id] for s in seqs])
             if len(fb.rows):
                 hs.append(h.index_select(0, fb.rows))
                 sample_seqs.extend(fb.sample_seqs)
@@ -255,20 +324,25 @@ class Executor:
             tokens = dict(zip((s.req_id for s in sample_seqs), self._sample(logits, sample_seqs)))
         return ExecutorOutput(sampled_token_ids=tokens, num_tokens=batch.total_num_scheduled_tokens)
 
-    def _run_layers(self, fb: _FlatBatch, adapter_id: Optional[str]) -> torch.Tensor:
-        vals, user_pos = self._bind(adapter_id)
+    def _run_layers(self, fb: _FlatBatch, slots: list[int]) -> torch.Tensor:
+        """All inference sequences through each layer's inference graph once; ``slots``: adapter slot per
+        sequence of ``fb`` (-1: none)."""
+        lens = fb.cu[1:] - fb.cu[:-1]
+        seg_starts, seg_adapter = make_segments(torch.repeat_interleave(torch.tensor(slots), lens))
         ctx = fb.ctx
         with paged_context(ctx):
             h, cos, sin = self.runner.embed_forward(fb.ids, fb.pos)
             for i, fwd in enumerate(self._layer_forward):
                 ctx.layer = i                       # NOTE: the attention op reads the layer's cache from here
-                v = vals[i]
-                p = user_pos[i]
-                v[p[0]], v[p[1]], v[p[2]], v[p[3]] = h, cos, sin, fb.cu
+                v = self._vals[i]
+                for j, x in zip(self._input_pos[i], (h, cos, sin, fb.cu, seg_starts, seg_adapter)):
+                    if j is not None:
+                        v[j] = x
                 (h,) = fwd(*v)
-            for v, p in zip(vals, user_pos):          # do not keep the batch's activations alive
-                for j in p:
-                    v[j] = None
+            for v, pos in zip(self._vals, self._input_pos):     # do not keep the batch's activations alive
+                for j in pos:
+                    if j is not None:
+                        v[j] = None
         return h
 
     def _run_layers_saving(self, fb: _FlatBatch, adapter_id: Optional[str], seqs: list[ScheduledSequence],
