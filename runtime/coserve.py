@@ -75,10 +75,12 @@ class FinetuneQueue:
 def iteration_work(batch: SchedulerOutput, num_layers: int, lengths: dict[str, int]) -> IterationWork:
     """The latency model's description of a scheduled batch (``lengths``: finetuning sequence lengths)."""
     dec = pre = ft = pairs = 0
+    ft_adapters = set()
     for s in batch.seqs:
         n = len(s.token_ids)
         if s.kind is SeqKind.FINETUNE:
             ft += n
+            ft_adapters.add(s.adapter_id)
         elif s.kind is SeqKind.DECODE:
             dec += n
         else:
@@ -86,7 +88,8 @@ def iteration_work(batch: SchedulerOutput, num_layers: int, lengths: dict[str, i
         pairs += n * (s.num_computed_tokens + n) if n > 1 else 0
     bwd = sum(k * lengths.get(sid, 0) for sid, k in batch.finetune_backward.items())
     return IterationWork(decode_tokens=dec, prefill_tokens=pre, attention_pairs=pairs, ft_forward_tokens=ft,
-                         ft_backward_layer_tokens=bwd)
+                         ft_backward_layer_tokens=bwd, ft_forward_passes=len(ft_adapters),
+                         ft_backward_layers=sum(batch.finetune_backward.values()))
 
 
 def _seqs_work(seqs: list[ScheduledSequence]) -> IterationWork:
@@ -191,14 +194,16 @@ class CoServePolicy:
         idle = not seqs
         if fs.forward_remaining > 0:
             limit = min(_tokens_left(sched, seqs), fs.forward_remaining)
-            n = self.latency.max_extra(base, self.budget_s, "ft_forward_tokens", limit)
+            n = self.latency.max_units(base, self.budget_s, IterationWork(ft_forward_tokens=1), limit,
+                                       fixed=IterationWork(ft_forward_passes=1))
             if idle:
                 n = max(n, min(limit, self.min_idle_tokens))
             if n > 0:
                 _add_forward(sched, job, fs, n, seqs)
         elif fs.in_backward and not fs.done:
             left = fs.next_backward_layer + 1
-            k = self.latency.max_extra(base, self.budget_s, "ft_backward_layer_tokens", left * fs.length) // fs.length
+            k = self.latency.max_units(base, self.budget_s,
+                                       IterationWork(ft_backward_layer_tokens=fs.length, ft_backward_layers=1), left)
             if idle:
                 k = max(k, 1)
             sched.schedule_finetune_backward(fs, min(k, left))
@@ -266,6 +271,7 @@ def profile_latency(executor: "Executor", kv: "KVCacheManager", vocab_size: int,
             executor.execute(batch, ft)
         for sid, k in (backward or {}).items():
             ft[sid].backward_window(runner, k)
+        executor.synchronize()
         samples.append((iteration_work(batch, num_layers, {s: f.length for s, f in (ft or {}).items()}),
                         time.perf_counter() - t0))
         for s in seqs:

@@ -7,9 +7,15 @@ of iteration time in the work the batch contains:
     t = c0 + c_decode * decode_tokens + c_prefill * prefill_tokens
            + c_attn * attention_pairs + c_ft_fwd * ft_forward_tokens
            + c_ft_bwd * ft_backward_layer_tokens / num_layers
+           + c_ft_pass * ft_forward_passes + c_bwd_layer * ft_backward_layers / num_layers
 
 ``attention_pairs`` (sum over prefill/finetuning chunks of new tokens times
-context length) carries the quadratic part of attention. Coefficients are fitted
+context length) carries the quadratic part of attention. The two count features
+carry fixed costs that do not grow with tokens: finetuning chunks run their
+layers in a pass of their own (one per finetuning adapter; every weight is read
+again), and each backward layer has a per-call cost whatever the sequence
+length. Without them a fit spreads those costs over the tokens, predicting
+small finetuning additions too cheap. Coefficients are fitted
 by non-negative least squares from a start-up profile, persisted as JSON, and
 refined online from every measured iteration (a bounded window of recent
 samples, refitted every few iterations).
@@ -28,7 +34,7 @@ import numpy as np
 __all__ = ["IterationWork", "LatencyModel", "FEATURES"]
 
 FEATURES = ("const", "decode_tokens", "prefill_tokens", "attention_pairs", "ft_forward_tokens",
-            "ft_backward_layer_tokens")
+            "ft_backward_layer_tokens", "ft_forward_passes", "ft_backward_layers")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,10 +51,20 @@ class IterationWork:
     """Finetuning tokens whose forward runs in this iteration."""
     ft_backward_layer_tokens: int = 0
     """Finetuning backward work: sequence tokens x layers whose backward runs in this iteration."""
+    ft_forward_passes: int = 0
+    """Passes over the layers for finetuning chunks (the executor runs one per finetuning adapter)."""
+    ft_backward_layers: int = 0
+    """Layer backward calls (summed over the finetuning sequences' windows)."""
 
     def features(self, num_layers: int) -> np.ndarray:
+        n = max(num_layers, 1)
         return np.array([1.0, self.decode_tokens, self.prefill_tokens, self.attention_pairs,
-                         self.ft_forward_tokens, self.ft_backward_layer_tokens / max(num_layers, 1)])
+                         self.ft_forward_tokens, self.ft_backward_layer_tokens / n, self.ft_forward_passes,
+                         self.ft_backward_layers / n])
+
+    def __add__(self, other: "IterationWork") -> "IterationWork":
+        return IterationWork(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                                for f in dataclasses.fields(self)})
 
 
 def _nnls(a: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
@@ -123,13 +139,19 @@ class LatencyModel:
         """Largest n <= limit such that ``base`` plus n units of ``field`` is predicted within ``budget_s``."""
         if field not in FEATURES[1:]:
             raise ValueError(f"unknown work field {field!r}; allowed: {', '.join(FEATURES[1:])}")
-        spare = budget_s - self.predict(base)
+        return self.max_units(base, budget_s, IterationWork(**{field: 1}), limit)
+
+    def max_units(self, base: IterationWork, budget_s: float, unit: IterationWork, limit: int,
+                  fixed: Optional[IterationWork] = None) -> int:
+        """Largest n <= limit such that ``base + fixed + n * unit`` is predicted within ``budget_s`` (0 when
+        even ``fixed`` alone does not fit); ``fixed`` is work that comes with any n > 0 (a pass of its own)."""
+        spare = budget_s - self.predict(base if fixed is None else base + fixed)
         if spare <= 0 or limit <= 0:
             return 0
-        unit = IterationWork(**{field: 1}).features(self.num_layers) @ self.coef - self.coef[0]
-        if unit <= 0:
+        cost = float(unit.features(self.num_layers) @ self.coef - self.coef[0])
+        if cost <= 0:
             return limit
-        return int(min(limit, spare // unit))
+        return int(min(limit, spare // cost))
 
     def to_dict(self) -> dict:
         return {"features": list(FEATURES), "coef": [float(c) for c in self.coef], "num_layers": self.num_layers,

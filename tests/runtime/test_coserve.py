@@ -34,7 +34,7 @@ def _data(n, seed=0):
 
 def _policy(num_layers):
     # seconds: decode 0.01/token, prefill 0.01/token, finetuning forward 0.01/token, backward 0.002 * tokens * layers
-    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers])
+    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers, 0.0, 0.0])
     return CoServePolicy(lat, tpot_slo=0.1)
 
 

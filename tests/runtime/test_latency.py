@@ -7,7 +7,8 @@ from flexc.runtime.latency import FEATURES, IterationWork, LatencyModel
 
 def _truth(w: IterationWork) -> float:
     return (0.004 + 2e-4 * w.decode_tokens + 1e-4 * w.prefill_tokens + 1e-8 * w.attention_pairs
-            + 3e-4 * w.ft_forward_tokens + 6e-4 * w.ft_backward_layer_tokens / 10)
+            + 3e-4 * w.ft_forward_tokens + 6e-4 * w.ft_backward_layer_tokens / 10 + 0.02 * w.ft_forward_passes
+            + 2e-3 * w.ft_backward_layers / 10)
 
 
 def _samples(n, seed=0, noise=0.0):
@@ -16,7 +17,8 @@ def _samples(n, seed=0, noise=0.0):
     for _ in range(n):
         w = IterationWork(decode_tokens=int(rng.integers(0, 64)), prefill_tokens=int(rng.integers(0, 256)),
                           attention_pairs=int(rng.integers(0, 200_000)), ft_forward_tokens=int(rng.integers(0, 256)),
-                          ft_backward_layer_tokens=int(rng.integers(0, 5000)))
+                          ft_backward_layer_tokens=int(rng.integers(0, 5000)),
+                          ft_forward_passes=int(rng.integers(0, 2)), ft_backward_layers=int(rng.integers(0, 10)))
         out.append((w, _truth(w) * (1 + noise * rng.standard_normal())))
     return out
 
@@ -37,6 +39,19 @@ def test_max_extra_stays_within_budget():
     assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n)) <= 0.045
     assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n + 1)) > 0.045
     assert m.max_extra(IterationWork(decode_tokens=10_000), 0.045, "ft_forward_tokens", 100) == 0
+
+
+def test_a_pass_of_its_own_is_paid_once():
+    """Finetuning forward tokens come with a pass of their own: the admitted count pays its fixed cost once,
+    and none are admitted when the pass alone would break the budget."""
+    m = LatencyModel(num_layers=10).fit(_samples(80))
+    base, unit, fixed = IterationWork(decode_tokens=16), IterationWork(ft_forward_tokens=1), \
+        IterationWork(ft_forward_passes=1)
+    n = m.max_units(base, 0.045, unit, 10_000, fixed=fixed)
+    assert 0 < n < m.max_extra(base, 0.045, "ft_forward_tokens", 10_000)
+    assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n, ft_forward_passes=1)) <= 0.045
+    assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n + 1, ft_forward_passes=1)) > 0.045
+    assert m.max_units(base, m.predict(base) + 0.01, unit, 100, fixed=fixed) == 0
 
 
 def test_online_refinement_tracks_a_slower_machine():
@@ -62,4 +77,4 @@ def test_save_load_roundtrip(tmp_path):
         LatencyModel.load(str(bad))
     with pytest.raises(ValueError, match="unknown work field"):
         m.max_extra(IterationWork(), 1.0, "tokens", 5)
-    assert len(FEATURES) == 6
+    assert len(FEATURES) == 8
