@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import inspect
 import json
 import math
 import os
@@ -33,6 +32,7 @@ import torch
 
 import flexc
 from flexc import main_job
+from flexc.runtime.engine import resolve_device
 
 POLICIES = ("inference_only", "finetune_only", "coserve", "temporal")
 
@@ -43,9 +43,8 @@ def pct(xs: list[float], q: float) -> float:
 
 def build_engine(policy: str, args) -> "flexc.Engine":
     kwargs = dict(lora=flexc.LoraSpec(r=16, alpha=32), policy=policy, tpot_slo=args.tpot_slo, ttft_slo=args.ttft_slo,
-                  token_budget=args.token_budget, kv_cache_tokens=16384, latency_profile=args.latency_profile)
-    if "device" in inspect.signature(flexc.Engine.from_pretrained).parameters:
-        kwargs["device"] = args.device
+                  token_budget=args.token_budget, kv_cache_tokens=16384, latency_profile=args.latency_profile,
+                  device=args.device)
     with main_job._quiet_stderr():
         engine = flexc.Engine.from_pretrained("smollm2-135m", **kwargs)
     if policy != "finetune_only":                                    # (it never schedules requests)
@@ -146,12 +145,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device != "cpu" and "device" not in inspect.signature(flexc.Engine.from_pretrained).parameters:
-        print(f"note: this flexc Engine has no device argument; running on cpu instead of {args.device}",
-              file=sys.stderr)
-        args.device = "cpu"
+    try:
+        args.device = str(resolve_device(args.device))
+    except ValueError as e:
+        ap.error(str(e))
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
     loads = {rate: main_job.make_load(rate, args.duration, args.seed) for rate in rates}
     machine = (torch.cuda.get_device_name(0) if args.device.startswith("cuda") else

@@ -104,7 +104,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    engine = flexc.Engine.from_pretrained("smollm2-135m", kv_cache_tokens=32768, token_budget=args.token_budget)
+    engine = flexc.Engine.from_pretrained("smollm2-135m", kv_cache_tokens=32768, token_budget=args.token_budget,
+                                         device="cpu")
     from transformers import AutoModelForCausalLM
     src = engine.compiled.source                       # the same GGUF weights, loaded as transformers does
     model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32).eval()

@@ -143,11 +143,12 @@ class ActivationStore:
         if not self.complete(layer):
             raise ValueError(f"layer {layer}: forward covered {self._written[layer]} of {self.length} tokens")
         out = []
+        device = next((v.device for v in self._values[layer] if isinstance(v, torch.Tensor)), None)
         for slot, value in zip(self.layouts[layer].slots, self._values[layer]):
             if slot.kind == "symint":
                 out.append(int(slot.expr.subs(TOKEN_SYMBOL, self.length)))
             elif slot.kind == "cu_seqlens":
-                out.append(torch.tensor([0, self.length], dtype=torch.int32))
+                out.append(torch.tensor([0, self.length], dtype=torch.int32, device=device))
             else:
                 out.append(value)
         return out

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "GenerationResult", "TokenEvent"]
+__all__ = ["Engine", "EngineConfig", "GenerationResult", "TokenEvent", "resolve_device"]
 
 Prompt = Union[str, Sequence[int]]
 
@@ -67,9 +67,9 @@ class EngineConfig:
     """Sequences per iteration."""
     max_adapters: int = 8
     """LoRA adapters resident at once."""
-    attention: str = "batched"
-    """``batched`` (one batched call for all decode tokens, CPU fast path) or ``op`` (flexc::attention as
-    captured)."""
+    attention: str = "auto"
+    """``batched`` (one batched call for all decode tokens, CPU fast path), ``op`` (flexc::attention as
+    captured, Triton on CUDA) or ``auto`` (``batched`` on the CPU, ``op`` elsewhere)."""
     tpot_slo: float = 0.2
     """Target seconds per output token; the co-serving policy fills iterations with finetuning up to it."""
     ttft_slo: float = 5.0
@@ -84,6 +84,23 @@ class EngineConfig:
             self.kv_cache_tokens = 16384
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` (the current CUDA device when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but torch sees no CUDA device here; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -174,21 +191,24 @@ class Engine:
     def from_pretrained(cls, name_or_path: str = "smollm2-135m", *, lora: Any = None, max_adapters: int = 8,
                         kv_cache_tokens: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
                         dtype: str = "fp32", token_budget: int = 512, block_size: int = 16,
-                        attention: str = "batched", policy: Union[None, str, SchedulingPolicy] = None,
+                        attention: str = "auto", policy: Union[None, str, SchedulingPolicy] = None,
                         tpot_slo: float = 0.2, ttft_slo: float = 5.0, latency_profile: Optional[str] = None,
-                        dims: Optional["ParallelDims"] = None) -> "Engine":
+                        dims: Optional["ParallelDims"] = None, device: str = "auto") -> "Engine":
         """Compile ``name_or_path`` (see ``flexc.resolve_model``), load its weights and tokenizer.
 
         ``lora``: None (base model only), True, a ``LoraSpec``, its dict or a ``peft.LoraConfig``: the adapter
         structure every adapter served by this engine must fit (same rank, targets a subset).
         ``dims``: this process's rank in a tensor-parallel group (``run_tp`` passes it): compiled for
         ``tp=dims.tp``, the result is a :class:`~flexc.runtime.tp_engine.TPEngine` holding this rank's shards.
+        ``device``: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``: where the
+        weights, the KV cache and the batches live.
         """
         # NOTE: lazy imports: flexc/ sits above runtime/ (flexc -> runtime), only this constructor reaches up
         from flexc.compiler import compile as flexc_compile
         from flexc.compiler import model_shape
         from flexc.models import LoraSpec, load_model, load_tokenizer, resolve_model
         from flexc.passes.parallelize import check_tp
+        where = resolve_device(device)
         source = resolve_model(name_or_path)
         spec = LoraSpec.coerce(lora)
         tp = dims.tp if dims is not None else 1
@@ -197,7 +217,7 @@ class Engine:
         passes = None if spec is not None else ("parallelize",) if tp > 1 else ()
         compiled = flexc_compile(source, lora=spec, dtype=dtype, builtin_passes=passes,
                                  **({"tp": tp} if tp > 1 else {}))
-        model = load_model(source, spec, dtype)
+        model = load_model(source, spec, dtype).to(where)
         config = EngineConfig(kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
                               token_budget=token_budget, max_adapters=max_adapters, attention=attention,
                               tpot_slo=tpot_slo, ttft_slo=ttft_slo, latency_profile=latency_profile)
@@ -223,12 +243,10 @@ class Engine:
             self.adapters.create_fresh(name, seed=seed, init=init)
         else:
             self.adapters.load_peft_dir(name, path)
-        self.executor.forget_adapter(name)
 
     def add_adapter_tensors(self, name: str, state: dict) -> None:
         """Make adapter ``name`` resident from lora_A/lora_B tensors named as the model's parameters."""
         self.adapters.load_tensors(name, state)
-        self.executor.forget_adapter(name)
 
     # ------------------------------------------------------------------ requests
     def _tokenize(self, prompt: Prompt, chat: bool, rid: str) -> list[int]:
@@ -311,6 +329,7 @@ class Engine:
             return []
         result, ft_done = self._run_batch(batch)
         updates = self.scheduler.update_from_output(batch, result)
+        self.executor.synchronize()             # NOTE: backward windows queue device work no token waits on
         now = time.perf_counter()
         self._record(batch, t0, now - t0, len(updates), ft_done)
         events = []
@@ -375,9 +394,13 @@ class Engine:
         import os
         path = self.config.latency_profile
         if path and os.path.isfile(path):
-            loaded = LatencyModel.load(path)
-            self.latency.coef = loaded.coef
-            return self.latency
+            try:
+                loaded = LatencyModel.load(path)
+            except ValueError as e:             # e.g. written by an older flexc with other features
+                logger.warning("%s; profiling again", e)
+            else:
+                self.latency.coef = loaded.coef
+                return self.latency
         t0 = time.perf_counter()
         samples = profile_latency(self.executor, self.kv, self.vocab_size, self.max_model_len)
         self.latency.fit(samples)

@@ -67,7 +67,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Executor", "make_kv_spec", "ATTENTION_MODES"]
 
-ATTENTION_MODES = ("batched", "op")
+ATTENTION_MODES = ("auto", "batched", "op")
+"""``batched``: the CPU fast path (one batched call for all decode tokens); ``op``: ``flexc::attention`` as
+captured (Triton on CUDA); ``auto``: ``batched`` on the CPU, ``op`` elsewhere."""
 _CALL_INPUTS = (0, 1, 2, 3, SEG_STARTS, SEG_ADAPTER)
 """What each layer call fills in: user inputs 0-3 (h, cos, sin, cu_seqlens) and the multi-LoRA segments."""
 
@@ -122,7 +124,8 @@ class _FlatBatch:
     """Tensors of the sequences run together: ids/positions [T], cu_seqlens int32 [N+1], the paged context and
     the rows (token indices) whose logits are sampled."""
 
-    def __init__(self, seqs: list[ScheduledSequence], block_size: int, k_caches, v_caches, batched: bool):
+    def __init__(self, seqs: list[ScheduledSequence], block_size: int, k_caches, v_caches, batched: bool,
+                 device: torch.device):
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -143,14 +146,19 @@ class _FlatBatch:
         for i, s in enumerate(seqs):
             bt[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
         ctx_lens = torch.tensor([s.num_computed_tokens for s in seqs], dtype=torch.int32)
-        self.ids = torch.tensor(ids, dtype=torch.long)
-        self.pos = torch.tensor(pos, dtype=torch.long)
-        self.cu = torch.tensor(cu, dtype=torch.int32)
-        self.rows = torch.tensor(rows, dtype=torch.long)
+        self.cu_list = cu
+        """Sequence bounds in the flat batch, on the host."""
+        self.lens = torch.tensor([len(s.token_ids) for s in seqs])
+        """Tokens per sequence, on the host."""
+        self.ids = torch.tensor(ids, dtype=torch.long, device=device)
+        self.pos = torch.tensor(pos, dtype=torch.long, device=device)
+        self.cu = torch.tensor(cu, dtype=torch.int32, device=device)
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.sample_seqs = [s for s in seqs if s.sample]
-        self.ctx = BatchedPagedContext(k_caches=k_caches, v_caches=v_caches, block_tables=bt, context_lens=ctx_lens,
-                                       slot_mapping=torch.tensor(slots, dtype=torch.long))
-        if batched:
+        self.ctx = BatchedPagedContext(k_caches=k_caches, v_caches=v_caches, block_tables=bt.to(device),
+                                       context_lens=ctx_lens.to(device),
+                                       slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+        if batched:                     # NOTE: the batched path runs on the CPU only (checked by the executor)
             self._plan(seqs, block_size)
 
     def _plan(self, seqs: list[ScheduledSequence], block_size: int) -> None:
@@ -190,6 +198,13 @@ class Executor:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.compiled = compiled
         self.runner = runner if runner is not None else RegionRunner(compiled, model)
+        self.device = next(model.parameters()).device
+        """Where the weights, the KV cache and every batch tensor live (the model's device)."""
+        if attention == "auto":
+            attention = "batched" if self.device.type == "cpu" else "op"
+        if attention == "batched" and self.device.type != "cpu":
+            raise ValueError(f"attention='batched' is the CPU path; the model is on {self.device}: use 'op' or "
+                             "'auto'")
         if kv_spec.num_kv_heads != self.runner.num_kv_heads:
             raise ValueError(f"kv_spec holds {kv_spec.num_kv_heads} KV heads, the runner attends over "
                              f"{self.runner.num_kv_heads}")
@@ -197,8 +212,10 @@ class Executor:
         self.kv_spec = kv_spec
         self.num_blocks = num_blocks
         shape = (num_blocks, kv_spec.block_size, kv_spec.num_kv_heads, kv_spec.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=kv_spec.dtype) for _ in range(kv_spec.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=kv_spec.dtype) for _ in range(kv_spec.num_layers)]
+        self.k_caches = [torch.zeros(shape, dtype=kv_spec.dtype, device=self.device)
+                         for _ in range(kv_spec.num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=kv_spec.dtype, device=self.device)
+                         for _ in range(kv_spec.num_layers)]
         self.batched = attention == "batched"
         # NOTE: one inference graph per template; layers sharing a template share the callable
         self._graphs = {name: _inference_graph(self.runner.programs[name], self.batched)
@@ -231,7 +248,7 @@ class Executor:
                     # NOTE: the same for every slot: the registry folds each adapter's own scaling into lora_B
                     value = graph.lora.scaling[r.target]
                     if value not in scalings:
-                        scalings[value] = torch.full((num_slots,), value, dtype=torch.float32)
+                        scalings[value] = torch.full((num_slots,), value, dtype=torch.float32, device=self.device)
                     v.append(scalings[value])
                 else:
                     pos[_CALL_INPUTS.index(r.index if r.kind == "user" else r.kind)] = j
@@ -276,9 +293,10 @@ class Executor:
                 ov[r.target] = torch.zeros_like(p)      # no adapter: B = 0 makes the LoRA branch add exactly 0
         return ov
 
-    def forget_adapter(self, adapter_id: str) -> None:
-        """Nothing to drop: inference reads every adapter from the registry's stacks, which it updates in place
-        (kept for the engine, which calls it after loading an adapter)."""
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (for timing an iteration; nothing to do on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ one iteration
     @torch.no_grad()
@@ -304,7 +322,7 @@ class Executor:
                 finetuning.setdefault(s.adapter_id, []).append(s)
         hs, sample_seqs = [], []
         for adapter_id, seqs in finetuning.items():
-            fb = _FlatBatch(seqs, self.kv_spec.block_size, self.k_caches, self.v_caches, self.batched)
+            fb = _FlatBatch(seqs, self.kv_spec.block_size, self.k_caches, self.v_caches, self.batched, self.device)
             h = self._run_layers_saving(fb, adapter_id, seqs, finetune)
             if len(fb.rows):
                 hs.append(h.index_select(0, fb.rows))
@@ -313,7 +331,7 @@ class Executor:
             # NOTE: sorted by slot, so each adapter's tokens form one segment of the flexc::lora calls
             slots = {s.req_id: self._slot(s.adapter_id) for s in inference}
             seqs = sorted(inference, key=lambda s: slots[s.req_id])
-            fb = _FlatBatch(seqs, self.kv_spec.block_size, self.k_caches, self.v_caches, self.batched)
+            fb = _FlatBatch(seqs, self.kv_spec.block_size, self.k_caches, self.v_caches, self.batched, self.device)
             h = self._run_layers(fb, [slots[s.req_id] for s in seqs])
             if len(fb.rows):
                 hs.append(h.index_select(0, fb.rows))
@@ -327,8 +345,8 @@ class Executor:
     def _run_layers(self, fb: _FlatBatch, slots: list[int]) -> torch.Tensor:
         """All inference sequences through each layer's inference graph once; ``slots``: adapter slot per
         sequence of ``fb`` (-1: none)."""
-        lens = fb.cu[1:] - fb.cu[:-1]
-        seg_starts, seg_adapter = make_segments(torch.repeat_interleave(torch.tensor(slots), lens))
+        seg_starts, seg_adapter = make_segments(torch.repeat_interleave(torch.tensor(slots), fb.lens))
+        seg_starts, seg_adapter = seg_starts.to(self.device), seg_adapter.to(self.device)
         ctx = fb.ctx
         with paged_context(ctx):
             h, cos, sin = self.runner.embed_forward(fb.ids, fb.pos)
@@ -353,7 +371,7 @@ class Executor:
         rows = {}
         for j, s in enumerate(seqs):
             if s.kind is SeqKind.FINETUNE:
-                rows[s.req_id] = ((int(fb.cu[j]), int(fb.cu[j + 1])), s.num_computed_tokens)
+                rows[s.req_id] = ((fb.cu_list[j], fb.cu_list[j + 1]), s.num_computed_tokens)
         ctx = fb.ctx
         with paged_context(ctx):
             h, cos, sin = runner.embed_forward(fb.ids, fb.pos)
@@ -384,7 +402,7 @@ class Executor:
                 gen = torch.Generator()
                 gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, ()).item()))
                 self._generators[s.req_id] = gen
-            probs = torch.softmax(row / sp.temperature, dim=-1)
+            probs = torch.softmax(row.cpu() / sp.temperature, dim=-1)     # the generator is a host one
             if sp.top_p < 1.0:
                 sp_probs, idx = probs.sort(descending=True)
                 keep = sp_probs.cumsum(0) - sp_probs < sp.top_p          # always keeps the top token

@@ -119,7 +119,7 @@ class RegionRunner:
         n = int((labels != -100).sum())
         scale = loss_scale if loss_scale is not None else 1.0 / max(n, 1)
         grads: dict[str, torch.Tensor] = {}
-        g = self.programs["head"].backward(head_saved, [torch.tensor(scale, dtype=loss_sum.dtype)])
+        g = self.programs["head"].backward(head_saved, [torch.tensor(scale, dtype=loss_sum.dtype, device=loss_sum.device)])
         dh = g.pop("input0")
         for i in reversed(range(len(self.layers))):
             g = self.layer_program(i).backward(saved[i], [dh])

@@ -116,9 +116,9 @@ class FinetuneSequence:
             raise ValueError(f"sequence {self.seq_id}: forward covered {self.forward_done_pos}/{self.length} tokens")
         result = WindowResult(grads={}, layers=[])
         if not self.head_done:
-            labels = torch.tensor(self.seq.labels, dtype=torch.long)
+            labels = torch.tensor(self.seq.labels, dtype=torch.long, device=self._final.device)
             (loss_sum,), saved = runner.programs["head"].forward(runner.head, (self._final, labels))
-            g = runner.programs["head"].backward(saved, [torch.tensor(self.loss_scale, dtype=loss_sum.dtype)])
+            g = runner.programs["head"].backward(saved, [torch.tensor(self.loss_scale, dtype=loss_sum.dtype, device=loss_sum.device)])
             self.dh = g.pop("input0")
             self._final = None
             self.head_done = True

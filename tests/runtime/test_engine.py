@@ -4,7 +4,7 @@ import torch
 
 import flexc
 from flexc.models import LoraSpec, load_model, resolve_model
-from flexc.runtime.engine import Engine, EngineConfig
+from flexc.runtime.engine import Engine, EngineConfig, resolve_device
 from tests.runtime.utils import hf_greedy, save_tiny_adapter, save_tiny_model
 
 
@@ -65,6 +65,21 @@ def test_op_attention_path_gives_same_tokens(tiny):
     engine = _engine(tiny, kv_cache_tokens=1024, token_budget=16, attention="op")
     prompts = _prompts(LENS, seed=2)
     _check_parity(engine.generate(prompts, max_new_tokens=NEWS), tiny[1], prompts, NEWS)
+
+
+def test_device_choice_and_errors(tiny):
+    """'auto' picks the CPU here and the batched CPU attention path; bad or absent devices are ValueErrors."""
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "gpu0", ""):
+        with pytest.raises(ValueError, match="device must be"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda:0")
+    engine = _engine(tiny, kv_cache_tokens=256)
+    assert engine.executor.batched and engine.executor.k_caches[0].device.type == "cpu"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        EngineConfig(attention="flash")
 
 
 @pytest.fixture(scope="module")
