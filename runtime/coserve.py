@@ -183,6 +183,23 @@ class CoServePolicy:
         """Iteration time the policy fills up to (a margin below the TPOT SLO for prediction error)."""
         self.min_idle_tokens = min_idle_tokens
         self._inference = DecodeFirstPolicy()
+        self.bias = 1.0
+        """Running mean of measured / predicted seconds over co-served iterations (inference and finetuning
+        together). The model is fitted over every kind of iteration, the large finetuning-only ones weighing
+        most; where it under-predicts the mixed ones the TPOT target matters for, the fill is cut by this."""
+
+    def observe(self, work: IterationWork, seconds: float) -> None:
+        """Record a measured iteration (the engine calls this when the policy uses the engine's model)."""
+        inference = work.decode_tokens + work.prefill_tokens
+        finetuning = work.ft_forward_tokens + work.ft_backward_layer_tokens
+        pred = self.latency.predict(work)
+        if inference and finetuning and pred > 0 and seconds > 0:
+            self.bias = 0.9 * self.bias + 0.1 * min(seconds / pred, 4.0)
+
+    @property
+    def fill_s(self) -> float:
+        """What this iteration is filled up to: the budget, less the model's recent under-prediction."""
+        return self.budget_s / max(1.0, self.bias)
 
     def schedule(self, sched: "Scheduler") -> list[ScheduledSequence]:
         seqs = self._inference.schedule(sched)
@@ -194,15 +211,17 @@ class CoServePolicy:
         idle = not seqs
         if fs.forward_remaining > 0:
             limit = min(_tokens_left(sched, seqs), fs.forward_remaining)
-            n = self.latency.max_units(base, self.budget_s, IterationWork(ft_forward_tokens=1), limit,
-                                       fixed=IterationWork(ft_forward_passes=1))
+            start = fs.forward_pos
+            # NOTE: the chunk's attention (its tokens x the context it sees) grows with its position
+            n = self.latency.max_fit(base, self.fill_s, lambda m: IterationWork(
+                ft_forward_tokens=m, attention_pairs=m * (start + m), ft_forward_passes=1), limit)
             if idle:
                 n = max(n, min(limit, self.min_idle_tokens))
             if n > 0:
                 _add_forward(sched, job, fs, n, seqs)
         elif fs.in_backward and not fs.done:
             left = fs.next_backward_layer + 1
-            k = self.latency.max_units(base, self.budget_s,
+            k = self.latency.max_units(base, self.fill_s,
                                        IterationWork(ft_backward_layer_tokens=fs.length, ft_backward_layers=1), left)
             if idle:
                 k = max(k, 1)

@@ -383,6 +383,9 @@ class Engine:
         work = iteration_work(batch, len(self.executor.runner.layers), lengths)
         if seconds > 0 and (work.ft_backward_layer_tokens or batch.seqs):
             self.latency.observe(work, seconds)
+            policy = self.scheduler.policy
+            if getattr(policy, "latency", None) is self.latency and hasattr(policy, "observe"):
+                policy.observe(work, seconds)       # NOTE: a policy with a model of its own (tests) stays fixed
         self.recorder.iteration(t0, seconds, decode_tokens=work.decode_tokens, prefill_tokens=work.prefill_tokens,
                                 ft_forward_tokens=work.ft_forward_tokens,
                                 ft_backward_layers=sum(batch.finetune_backward.values()),

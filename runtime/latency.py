@@ -27,7 +27,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -145,13 +145,25 @@ class LatencyModel:
                   fixed: Optional[IterationWork] = None) -> int:
         """Largest n <= limit such that ``base + fixed + n * unit`` is predicted within ``budget_s`` (0 when
         even ``fixed`` alone does not fit); ``fixed`` is work that comes with any n > 0 (a pass of its own)."""
-        spare = budget_s - self.predict(base if fixed is None else base + fixed)
-        if spare <= 0 or limit <= 0:
+        fixed = fixed or IterationWork()
+        return self.max_fit(base, budget_s, lambda n: fixed + IterationWork(
+            **{f.name: n * getattr(unit, f.name) for f in dataclasses.fields(unit)}), limit)
+
+    def max_fit(self, base: IterationWork, budget_s: float, extra: Callable[[int], IterationWork],
+                limit: int) -> int:
+        """Largest n <= limit such that ``base + extra(n)`` is predicted within ``budget_s`` (0 if none fits);
+        ``extra`` must not shrink as n grows (e.g. a chunk's tokens with their attention pairs, quadratic in n).
+        A binary search over n."""
+        if limit <= 0 or self.predict(base + extra(1)) > budget_s:
             return 0
-        cost = float(unit.features(self.num_layers) @ self.coef - self.coef[0])
-        if cost <= 0:
-            return limit
-        return int(min(limit, spare // cost))
+        lo, hi = 1, limit                      # invariant: lo fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.predict(base + extra(mid)) <= budget_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def to_dict(self) -> dict:
         return {"features": list(FEATURES), "coef": [float(c) for c in self.coef], "num_layers": self.num_layers,

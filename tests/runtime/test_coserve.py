@@ -9,7 +9,7 @@ from flexc.models import LoraSpec, load_model, resolve_model
 from flexc.runtime.coserve import CoServePolicy, FinetuneOnlyPolicy, TemporalPolicy, make_policy
 from flexc.runtime.dataset import TrainingSequence
 from flexc.runtime.engine import Engine, EngineConfig
-from flexc.runtime.latency import LatencyModel
+from flexc.runtime.latency import IterationWork, LatencyModel
 from tests.utils import rel_err, write_config
 
 
@@ -163,3 +163,16 @@ def test_coserved_sgd_equals_peft_smollm2():
     ours = engine.adapters.get("ft").weights
     for n in ref:
         assert rel_err(ours[n], ref[n]) < 1e-4, n
+
+
+def test_policy_fill_follows_measured_underprediction():
+    """Co-served iterations measured slower than predicted shrink what the policy fills up to; other
+    iterations (inference or finetuning alone) and faster ones leave it at the budget."""
+    pol = _policy(4)
+    mixed = IterationWork(decode_tokens=4, ft_forward_tokens=4)      # predicted 0.08 s
+    pol.observe(IterationWork(ft_forward_tokens=8), 1.0)
+    pol.observe(mixed, 0.04)
+    assert pol.fill_s == pytest.approx(pol.budget_s)
+    for _ in range(50):
+        pol.observe(mixed, 0.12)
+    assert pol.fill_s == pytest.approx(pol.budget_s / 1.5, rel=0.02)
