@@ -74,9 +74,16 @@ class FinetuneQueue:
 
 def iteration_work(batch: SchedulerOutput, num_layers: int, lengths: dict[str, int]) -> IterationWork:
     """The latency model's description of a scheduled batch (``lengths``: finetuning sequence lengths)."""
+    bwd = sum(k * lengths.get(sid, 0) for sid, k in batch.finetune_backward.items())
+    return _seqs_work(batch.seqs) + IterationWork(ft_backward_layer_tokens=bwd,
+                                                  ft_backward_layers=sum(batch.finetune_backward.values()))
+
+
+def _seqs_work(seqs: list[ScheduledSequence]) -> IterationWork:
+    """The forward part: tokens by kind, attention pairs of every chunk, one pass per finetuning adapter."""
     dec = pre = ft = pairs = 0
     ft_adapters = set()
-    for s in batch.seqs:
+    for s in seqs:
         n = len(s.token_ids)
         if s.kind is SeqKind.FINETUNE:
             ft += n
@@ -86,18 +93,8 @@ def iteration_work(batch: SchedulerOutput, num_layers: int, lengths: dict[str, i
         else:
             pre += n
         pairs += n * (s.num_computed_tokens + n) if n > 1 else 0
-    bwd = sum(k * lengths.get(sid, 0) for sid, k in batch.finetune_backward.items())
     return IterationWork(decode_tokens=dec, prefill_tokens=pre, attention_pairs=pairs, ft_forward_tokens=ft,
-                         ft_backward_layer_tokens=bwd, ft_forward_passes=len(ft_adapters),
-                         ft_backward_layers=sum(batch.finetune_backward.values()))
-
-
-def _seqs_work(seqs: list[ScheduledSequence]) -> IterationWork:
-    dec = sum(1 for s in seqs if s.kind is SeqKind.DECODE)
-    pre = [s for s in seqs if s.kind is SeqKind.PREFILL]
-    return IterationWork(decode_tokens=dec, prefill_tokens=sum(len(s.token_ids) for s in pre),
-                         attention_pairs=sum(len(s.token_ids) * (s.num_computed_tokens + len(s.token_ids))
-                                             for s in pre))
+                         ft_forward_passes=len(ft_adapters))
 
 
 def _tokens_left(sched: "Scheduler", seqs: list[ScheduledSequence]) -> int:

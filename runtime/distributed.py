@@ -76,8 +76,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParallelDims", "init_tp", "spawn", "start_workers", "broadcast_batch", "shard_tensor", "layer_shards", "TPRegionRunner",
-           "load_sharded_model", "ShardPlan", "Op", "RankMessage", "broadcast_message"]
+__all__ = ["ParallelDims", "init_tp", "spawn", "start_workers", "broadcast_batch", "shard_tensor", "layer_shards",
+           "TPRegionRunner", "load_sharded_model", "ShardPlan", "Op", "RankMessage", "broadcast_message"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -52,7 +52,8 @@ class RegionRunner:
         lm = causal_lm_parts(model)
         self.layers = list(lm.model.layers)
         if len(self.layers) != len(compiled.graph.layer_regions):
-            raise ValueError(f"model has {len(self.layers)} layers, the compiled graph {len(compiled.graph.layer_regions)}")
+            raise ValueError(f"model has {len(self.layers)} layers, the compiled graph "
+                             f"{len(compiled.graph.layer_regions)}")
         self.embed = EmbedRegion(lm)
         self.head = HeadRegion(lm)
         self.logits_head = LogitsRegion(lm)
@@ -119,14 +120,21 @@ class RegionRunner:
         n = int((labels != -100).sum())
         scale = loss_scale if loss_scale is not None else 1.0 / max(n, 1)
         grads: dict[str, torch.Tensor] = {}
-        g = self.programs["head"].backward(head_saved, [torch.tensor(scale, dtype=loss_sum.dtype, device=loss_sum.device)])
-        dh = g.pop("input0")
+        dh = self.head_backward(head_saved, loss_sum, scale)
         for i in reversed(range(len(self.layers))):
-            g = self.layer_program(i).backward(saved[i], [dh])
+            dh, g = self.layer_backward(i, saved[i], dh)
             saved[i] = None
-            dh = g.pop("input0")
-            for k, v in g.items():
-                if k.startswith("input"):
-                    continue
-                grads[f"{self._layer_prefix[i]}.{k.removeprefix('layer.')}"] = v
+            grads.update(g)
         return TrainStepResult(loss_sum=loss_sum, num_tokens=n, grads=grads)
+
+    def head_backward(self, saved: list, loss_sum: torch.Tensor, scale: float) -> torch.Tensor:
+        """The head's backward seeded with d(loss_sum * scale): the gradient of its input h."""
+        seed = torch.tensor(scale, dtype=loss_sum.dtype, device=loss_sum.device)
+        return self.programs["head"].backward(saved, [seed]).pop("input0")
+
+    def layer_backward(self, i: int, saved: list, dh: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Layer i's backward: the gradient of its input and its parameters' gradients by model name."""
+        g = self.layer_program(i).backward(saved, [dh])
+        prefix = self._layer_prefix[i]
+        return g.pop("input0"), {f"{prefix}.{k.removeprefix('layer.')}": v for k, v in g.items()
+                                 if not k.startswith("input")}

@@ -118,8 +118,7 @@ class FinetuneSequence:
         if not self.head_done:
             labels = torch.tensor(self.seq.labels, dtype=torch.long, device=self._final.device)
             (loss_sum,), saved = runner.programs["head"].forward(runner.head, (self._final, labels))
-            g = runner.programs["head"].backward(saved, [torch.tensor(self.loss_scale, dtype=loss_sum.dtype, device=loss_sum.device)])
-            self.dh = g.pop("input0")
+            self.dh = runner.head_backward(saved, loss_sum, self.loss_scale)
             self._final = None
             self.head_done = True
             result.loss_sum = float(loss_sum)
@@ -127,13 +126,9 @@ class FinetuneSequence:
             i = self.next_backward_layer
             if i < 0:
                 break
-            g = runner.layer_program(i).backward(self.store.backward_inputs(i), [self.dh])
+            self.dh, grads = runner.layer_backward(i, self.store.backward_inputs(i), self.dh)
             self.store.release(i)
-            self.dh = g.pop("input0")
-            prefix = runner.layer_prefix(i)
-            for k, v in g.items():
-                if not k.startswith("input"):
-                    result.grads[f"{prefix}.{k.removeprefix('layer.')}"] = v
+            result.grads.update(grads)
             result.layers.append(i)
             self.next_backward_layer -= 1
         if self.next_backward_layer < 0:
