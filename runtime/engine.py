@@ -24,7 +24,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -166,26 +166,36 @@ class Engine:
         num_blocks = make_num_blocks(kv_spec, num_tokens=self.config.kv_cache_tokens,
                                      memory_budget=self.config.kv_cache_bytes)
         self.adapters = AdapterRegistry(compiled.lora, model, self.config.max_adapters, shards=runner.shards)
-        self.kv = KVCacheManager(num_blocks, kv_spec.block_size)
-        self.latency = LatencyModel(len(compiled.graph.layer_regions))
-        if isinstance(policy, str):
-            policy = make_policy(policy, self.latency, self.config.tpot_slo)
-        self.scheduler = Scheduler(SchedulerConfig(token_budget=self.config.token_budget,
-                                                   max_num_seqs=self.config.max_num_seqs,
-                                                   max_model_len=self.max_model_len), self.kv, policy)
         self.executor = Executor(compiled, model, kv_spec=kv_spec, num_blocks=num_blocks, adapters=self.adapters,
                                  attention=self.config.attention, runner=runner)
         self.eos_token_ids = self._eos_ids(model)
-        self._tracked: dict[str, _Tracked] = {}
-        self._ids = itertools.count()
-        self.finetune_queue = FinetuneQueue()
-        self.scheduler.finetune = self.finetune_queue
-        self.recorder = MetricsRecorder(self.config.tpot_slo, self.config.ttft_slo)
-        self._job_ids = itertools.count()
+        self._init_loop(KVCacheManager(num_blocks, kv_spec.block_size),
+                        LatencyModel(len(compiled.graph.layer_regions)), policy)
         if getattr(self.scheduler.policy, "latency", None) is self.latency and compiled.lora is not None:
             self.fit_latency_model()
         logger.info("engine ready: %d KV blocks of %d tokens (%.1f MiB), token budget %d", num_blocks,
                     kv_spec.block_size, num_blocks * kv_spec.bytes_per_block / 2**20, self.config.token_budget)
+
+    def _init_loop(self, kv: KVCacheManager, latency: LatencyModel, policy: Union[None, str, SchedulingPolicy],
+                   clock: Callable[[], float] = time.perf_counter) -> None:
+        """The serving loop's state over whatever executor ``self.executor`` is: the scheduler (over ``kv`` and
+        ``policy``, a name or an object), the finetuning queue, request tracking, metrics, and the clock every
+        timestamp reads (seconds). The simulator (:mod:`flexc.runtime.simulator`) builds its engine through
+        this with a simulated executor and clock; ``config`` and ``max_model_len`` must be set before."""
+        self.kv = kv
+        self.latency = latency
+        if isinstance(policy, str):
+            policy = make_policy(policy, latency, self.config.tpot_slo)
+        self.scheduler = Scheduler(SchedulerConfig(token_budget=self.config.token_budget,
+                                                   max_num_seqs=self.config.max_num_seqs,
+                                                   max_model_len=self.max_model_len), kv, policy)
+        self.clock = clock
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self.finetune_queue = FinetuneQueue()
+        self.scheduler.finetune = self.finetune_queue
+        self.recorder = MetricsRecorder(self.config.tpot_slo, self.config.ttft_slo, clock=clock)
+        self._job_ids = itertools.count()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "smollm2-135m", *, lora: Any = None, max_adapters: int = 8,
@@ -301,7 +311,7 @@ class Engine:
         req = Request(req_id=rid, prompt_token_ids=ids, max_new_tokens=max_new_tokens, adapter_id=adapter,
                       sampling=sampling, stop_token_ids=stop_ids)
         self.scheduler.add_request(req)
-        self._tracked[rid] = _Tracked(req=req, submitted=time.perf_counter(),
+        self._tracked[rid] = _Tracked(req=req, submitted=self.clock(),
                                       stop_strings=tuple(s for s in stops if isinstance(s, str)))
         return rid
 
@@ -320,18 +330,19 @@ class Engine:
         the scheduled backward windows), update. Returns the tokens it produced."""
         if not self.has_work():
             return []
-        t0 = time.perf_counter()
+        t0 = self.clock()
         batch = self.scheduler.schedule()
         if batch.empty:
             if self.scheduler.has_unfinished_requests():
                 raise RuntimeError("no request could be scheduled although some are unfinished "
                                    f"({self.scheduler.num_waiting} waiting, {self.scheduler.num_running} running)")
             return []
+        lengths = self._finetune_lengths(batch)  # NOTE: before the bookkeeping drops finished sequences
         result, ft_done = self._run_batch(batch)
         updates = self.scheduler.update_from_output(batch, result)
         self.executor.synchronize()             # NOTE: backward windows queue device work no token waits on
-        now = time.perf_counter()
-        self._record(batch, t0, now - t0, len(updates), ft_done)
+        now = self.clock()
+        self._record(batch, lengths, t0, now - t0, len(updates), ft_done)
         events = []
         for u in updates:
             t = self._tracked[u.req_id]
@@ -377,9 +388,13 @@ class Engine:
                 done += fs.length if fs.done else 0
         return done
 
-    def _record(self, batch, t0: float, seconds: float, generated: int, ft_done: int) -> None:
-        lengths = {sid: self.finetune_queue.sequences[sid].length if sid in self.finetune_queue.sequences else 0
-                   for sid in batch.finetune_backward}
+    def _finetune_lengths(self, batch: SchedulerOutput) -> dict[str, int]:
+        """Lengths of the finetuning sequences whose backward windows ``batch`` runs."""
+        seqs = self.finetune_queue.sequences
+        return {sid: seqs[sid].length if sid in seqs else 0 for sid in batch.finetune_backward}
+
+    def _record(self, batch, lengths: dict[str, int], t0: float, seconds: float, generated: int,
+                ft_done: int) -> None:
         work = iteration_work(batch, len(self.executor.runner.layers), lengths)
         if seconds > 0 and (work.ft_backward_layer_tokens or batch.seqs):
             self.latency.observe(work, seconds)

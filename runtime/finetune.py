@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from flexc.runtime.sequence import FinetuneSequence, WindowResult
+from flexc.runtime.sequence import SequenceProgress, WindowResult
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,11 @@ class FinetuneJob:
     """One adapter being trained on one dataset; the scheduler feeds it iterations."""
 
     def __init__(self, job_id: str, sequences: Sequence[Any], params: dict[str, torch.Tensor], config: FinetuneConfig,
-                 make_sequence: Callable[[Any, float, str], FinetuneSequence], adapter_name: str = "default",
+                 make_sequence: Callable[[Any, float, str], SequenceProgress], adapter_name: str = "default",
                  peft_config: Any = None, all_ranks: Optional[Callable[[bool], bool]] = None):
-        """``params``: the live adapter tensors (at tp > 1 this rank's shards, trained as such); ``all_ranks``
+        """``params``: the live adapter tensors (at tp > 1 this rank's shards, trained as such; empty for a job
+        that only counts sequences and steps, as the simulator's); ``make_sequence(item, loss_scale, seq_id)``
+        builds the sequence the scheduler runs (a :class:`~flexc.runtime.sequence.SequenceProgress`); ``all_ranks``
         (tp > 1): whether a flag holds on every rank, so that all ranks skip the same non-finite steps."""
         if not sequences:
             raise ValueError(f"job {job_id}: the dataset is empty")
@@ -127,12 +129,13 @@ class FinetuneJob:
         self._all_ranks = all_ranks
         self.master = {n: p.detach().to(torch.float32).clone().requires_grad_(True) for n, p in params.items()}
         self.grad_acc = {n: torch.zeros_like(m) for n, m in self.master.items()}
-        self.optimizer = self._build_optimizer()
+        self.optimizer = self._build_optimizer()   # None for a job without tensors (the simulator's)
         self.total_steps = config.steps or (config.epochs * len(self.data)) // config.grad_accum
         if self.total_steps < 1:
             raise ValueError(f"job {job_id}: {len(self.data)} sequences with grad_accum {config.grad_accum} "
                              "make no optimizer step; lower grad_accum or raise epochs")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scheduler = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+                          if self.optimizer is not None else None)
         self.status = JobStatus.QUEUED
         self.error: Optional[str] = None
         self.step = 0
@@ -144,7 +147,7 @@ class FinetuneJob:
         self._step_losses: list[float] = []
         self._step_sequences = 0
         self._step_finite = True
-        self.current: Optional[FinetuneSequence] = None
+        self.current: Optional[SequenceProgress] = None
         self.tokens_trained = 0
         self._started = None
         self._elapsed = 0.0
@@ -166,7 +169,7 @@ class FinetuneJob:
     def finished(self) -> bool:
         return self.status in (JobStatus.COMPLETED, JobStatus.FAILED)
 
-    def next_sequence(self) -> Optional[FinetuneSequence]:
+    def next_sequence(self) -> Optional[SequenceProgress]:
         """The sequence in flight, or a new one when the previous is done; None when the job has finished."""
         if self.finished:
             return None
@@ -210,14 +213,15 @@ class FinetuneJob:
         if self._all_ranks is not None:          # NOTE: each rank saw only its gradient shards
             self._step_finite = self._all_ranks(self._step_finite)
         if self._step_finite:
-            for name, m in self.master.items():
-                m.grad = self.grad_acc[name]
-            self.optimizer.step()
-            self.scheduler.step()            # a skipped step does not advance the learning-rate schedule
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for name, p in self.params.items():      # publish the new version to inference
-                    p.copy_(self.master[name].to(p.dtype))
+            if self.optimizer is not None:       # NOTE: a job without tensors only counts its steps
+                for name, m in self.master.items():
+                    m.grad = self.grad_acc[name]
+                self.optimizer.step()
+                self.scheduler.step()            # a skipped step does not advance the learning-rate schedule
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for name, p in self.params.items():      # publish the new version to inference
+                        p.copy_(self.master[name].to(p.dtype))
             self.version += 1
             self.loss_history.append(loss)
             self._nonfinite_in_row = 0
@@ -266,9 +270,11 @@ class FinetuneJob:
                 "error": self.error}
 
     # ---- optimizer -----------------------------------------------------------------------------------
-    def _build_optimizer(self) -> torch.optim.Optimizer:
+    def _build_optimizer(self) -> Optional[torch.optim.Optimizer]:
         c = self.config
         params = list(self.master.values())
+        if not params:
+            return None
         if c.optimizer == "sgd":
             return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         return torch.optim.AdamW(params, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)

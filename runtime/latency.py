@@ -63,25 +63,35 @@ class IterationWork:
                          self.ft_backward_layers / n])
 
     def __add__(self, other: "IterationWork") -> "IterationWork":
-        return IterationWork(**{f.name: getattr(self, f.name) + getattr(other, f.name)
-                                for f in dataclasses.fields(self)})
+        return IterationWork(**{f: getattr(self, f) + getattr(other, f) for f in _WORK_FIELDS})
 
 
-def _nnls(a: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
-    """Non-negative least squares by projected coordinate descent (small problems, no scipy needed)."""
-    ata = a.T @ a
-    atb = a.T @ b
-    x = np.maximum(np.linalg.lstsq(a, b, rcond=None)[0], 0.0)
-    for _ in range(iters):
-        prev = x.copy()
-        for j in range(len(x)):
-            if ata[j, j] <= 0:
-                x[j] = 0.0
-                continue
-            r = atb[j] - ata[j] @ x + ata[j, j] * x[j]
-            x[j] = max(r / ata[j, j], 0.0)
-        if np.max(np.abs(x - prev)) <= 1e-12 * (1 + np.max(np.abs(x))):
+_WORK_FIELDS = tuple(f.name for f in dataclasses.fields(IterationWork))
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Non-negative least squares, min ||a x - b|| subject to x >= 0 (Lawson-Hanson active set: exact, a few
+    small least-squares solves; no scipy needed)."""
+    n = a.shape[1]
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    tol = 10 * np.finfo(float).eps * max(a.shape) * max(float(np.abs(a).max(initial=0.0)), 1.0)
+    for _ in range(3 * n):
+        w = a.T @ (b - a @ x)
+        if passive.all() or w[~passive].max() <= tol:
             break
+        passive[int(np.argmax(np.where(passive, -np.inf, w)))] = True
+        for _ in range(3 * n):
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > tol).all():
+                x = z
+                break
+            neg = passive & (z <= tol)                # step back to the boundary, drop what reaches it
+            alpha = float(np.min(x[neg] / (x[neg] - z[neg])))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
     return x
 
 
@@ -132,8 +142,13 @@ class LatencyModel:
         a = np.stack([f for f, _ in self._samples])
         b = np.array([t for _, t in self._samples])
         # scale columns so the solver sees comparable magnitudes
-        scale = np.maximum(np.abs(a).max(axis=0), 1e-12)
-        self.coef = _nnls(a / scale, b) / scale
+        scale = np.abs(a).max(axis=0)
+        # NOTE: a feature no sample in the window has (no backward ran lately) keeps its coefficient: fitted as
+        # 0 it would make that work look free, and a policy would schedule all of it at once
+        seen = scale > 0
+        coef = self.coef.copy()
+        coef[seen] = _nnls(a[:, seen] / scale[seen], b) / scale[seen]
+        self.coef = coef
 
     def max_extra(self, base: IterationWork, budget_s: float, field: str, limit: int) -> int:
         """Largest n <= limit such that ``base`` plus n units of ``field`` is predicted within ``budget_s``."""

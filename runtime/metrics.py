@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -54,9 +54,11 @@ def _pct(values: list[float], q: float) -> float:
 class MetricsRecorder:
     """Collects iterations and finished requests; SLOs in seconds."""
 
-    def __init__(self, tpot_slo: float, ttft_slo: float):
+    def __init__(self, tpot_slo: float, ttft_slo: float, clock: Callable[[], float] = time.perf_counter):
+        """``clock``: what ``summary`` reads the end of the wall time from (the engine's clock)."""
         self.tpot_slo = tpot_slo
         self.ttft_slo = ttft_slo
+        self.clock = clock
         self.start: Optional[float] = None
         self.history: list[dict] = []
         self.requests: list[tuple[float, float]] = []
@@ -65,7 +67,7 @@ class MetricsRecorder:
         self._busy = 0.0
 
     def reset(self) -> None:
-        self.__init__(self.tpot_slo, self.ttft_slo)
+        self.__init__(self.tpot_slo, self.ttft_slo, self.clock)
 
     def iteration(self, t0: float, seconds: float, *, decode_tokens: int, prefill_tokens: int, ft_forward_tokens: int,
                   ft_backward_layers: int, generated_tokens: int, ft_tokens_done: int) -> None:
@@ -83,7 +85,7 @@ class MetricsRecorder:
         self.requests.append((ttft, tpot))
 
     def summary(self, with_history: bool = True) -> EngineMetrics:
-        wall = (time.perf_counter() - self.start) if self.start is not None else 0.0
+        wall = (self.clock() - self.start) if self.start is not None else 0.0
         ttfts = [a for a, _ in self.requests]
         tpots = [b for _, b in self.requests]
         n = len(self.requests)

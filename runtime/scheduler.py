@@ -87,7 +87,9 @@ class Request:
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= p:                  # NOTE: decodes: no copy of the whole prompt
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -138,11 +140,13 @@ class DecodeFirstPolicy:
                     return seqs
                 if req.status is not RequestStatus.RUNNING or sched.next_kind(req) is not phase:
                     continue            # preempted earlier in this loop, or the other phase
+                before = len(seqs)
                 seq = sched.schedule_tokens(req, min(budget, req.num_tokens - req.num_computed_tokens), seqs)
+                if len(seqs) != before:   # a preemption took already scheduled sequences out again
+                    budget = sched.config.token_budget - sum(len(s.token_ids) for s in seqs)
                 if seq is not None:
                     seqs.append(seq)
-                # a preemption may have taken an already scheduled sequence out again
-                budget = sched.config.token_budget - sum(len(s.token_ids) for s in seqs)
+                    budget -= len(seq.token_ids)
         while sched.waiting and budget > 0 and len(seqs) < sched.config.max_num_seqs:
             seq = sched.admit(sched.waiting[0], budget)
             if seq is None:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from flexc.runtime.dataset import TrainingSequence
     from flexc.runtime.regions import RegionRunner
 
-__all__ = ["FinetuneSequence", "WindowResult", "make_layouts"]
+__all__ = ["SequenceProgress", "FinetuneSequence", "WindowResult", "make_layouts"]
 
 
 def make_layouts(runner: "RegionRunner") -> list[SavedLayout]:
@@ -55,25 +55,26 @@ class WindowResult:
     """Summed token loss of the sequence (set by the window that ran the head)."""
 
 
-class FinetuneSequence:
-    """State of one training sequence between iterations."""
+class SequenceProgress:
+    """Where one training sequence stands, without its tensors: what the scheduler, the co-serving policies,
+    the finetuning queue and the engine read and advance.
 
-    def __init__(self, seq: "TrainingSequence", layouts: Sequence[SavedLayout], loss_scale: float,
-                 seq_id: str = ""):
-        self.seq = seq
+    Forward: ``next_chunk(n)`` hands out the next n positions (``forward_pos``); the executor reports them
+    computed (``forward_done_pos``). Backward: ``next_backward_layer`` counts down from the top layer, after
+    the head (``head_done``). :class:`FinetuneSequence` adds the activation store and the real backward; the
+    simulator (:mod:`flexc.runtime.simulator`) runs the same scheduling over a tensor-free subclass.
+    """
+
+    def __init__(self, length: int, num_layers: int, seq_id: str = ""):
         self.seq_id = seq_id
-        self.length = len(seq)
-        self.loss_scale = loss_scale
-        self.store = ActivationStore(layouts, self.length)
-        self.num_layers = len(layouts)
+        self.length = length
+        self.num_layers = num_layers
         self.forward_pos = 0
         """Tokens whose forward has been scheduled."""
         self.forward_done_pos = 0
         """Tokens whose forward has completed (all layers recorded)."""
-        self.next_backward_layer = self.num_layers - 1
+        self.next_backward_layer = num_layers - 1
         self.head_done = False
-        self.dh: Optional[torch.Tensor] = None
-        self._final = None
 
     # ---- forward -------------------------------------------------------------------------------------
     @property
@@ -88,6 +89,10 @@ class FinetuneSequence:
     def done(self) -> bool:
         return self.in_backward and self.head_done and self.next_backward_layer < 0
 
+    def chunk_token_ids(self, start: int, end: int) -> list[int]:
+        """Token ids of positions [start, end) (what a scheduled chunk carries)."""
+        raise NotImplementedError
+
     def next_chunk(self, n: int) -> tuple[int, list[int], list[int]]:
         """Reserve the next ``n`` tokens: (start position, token ids, positions)."""
         n = min(n, self.forward_remaining)
@@ -95,7 +100,27 @@ class FinetuneSequence:
             raise ValueError(f"sequence {self.seq_id} has no forward tokens left")
         start = self.forward_pos
         self.forward_pos += n
-        return start, list(self.seq.input_ids[start:start + n]), list(range(start, start + n))
+        return start, self.chunk_token_ids(start, start + n), list(range(start, start + n))
+
+    def forward_completed(self, position: int, num_tokens: int) -> None:
+        """Positions [position, position + num_tokens) have run through every layer."""
+        self.forward_done_pos = max(self.forward_done_pos, position + num_tokens)
+
+
+class FinetuneSequence(SequenceProgress):
+    """State of one training sequence between iterations."""
+
+    def __init__(self, seq: "TrainingSequence", layouts: Sequence[SavedLayout], loss_scale: float,
+                 seq_id: str = ""):
+        super().__init__(len(seq), len(layouts), seq_id)
+        self.seq = seq
+        self.loss_scale = loss_scale
+        self.store = ActivationStore(layouts, self.length)
+        self.dh: Optional[torch.Tensor] = None
+        self._final = None
+
+    def chunk_token_ids(self, start: int, end: int) -> list[int]:
+        return list(self.seq.input_ids[start:end])
 
     def record_layer(self, layer: int, saved: Sequence, batch_rows: tuple[int, int], position: int) -> None:
         """Store the chunk's rows of ``layer``'s saved values."""
@@ -107,7 +132,7 @@ class FinetuneSequence:
         if self._final is None:
             self._final = hidden.new_empty((self.length, hidden.shape[1]))
         self._final[position:position + b - a].copy_(hidden[a:b])
-        self.forward_done_pos = max(self.forward_done_pos, position + b - a)
+        self.forward_completed(position, b - a)
 
     # ---- backward ------------------------------------------------------------------------------------
     def backward_window(self, runner: "RegionRunner", num_layers: int) -> WindowResult:
