@@ -24,7 +24,7 @@ import torch
 
 import flexc
 from flexc import main_job
-from flexc.runtime.coserve import CoServePolicy
+from flexc.runtime.policies import CoServePolicy
 from flexc.runtime.latency import IterationWork
 from flexc.runtime.simulator.report import write_json
 from flexc.runtime.simulator.validation import METRICS, compare, make_load, run_real, run_replay

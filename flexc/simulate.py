@@ -71,7 +71,7 @@ def build_instance(model: str, *, gpu: Any = "a100-80gb", tp: int = 1, gpu_file:
     """(InstanceSpec, compiled model): compile ``model`` at ``tp`` (LoRA default: the paper's) and build its
     roofline instance on ``gpu`` (a name or a GPU), or, with ``latency_profile``, a measured one."""
     import flexc
-    from flexc.models import LoraSpec
+    from flexc.ir.spec import LoraSpec
     from flexc.runtime.latency import LatencyModel
     from flexc.runtime.simulator.hardware import GPU, resolve_gpu
     from flexc.runtime.simulator.run import measured_instance, roofline_instance

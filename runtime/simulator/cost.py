@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol
 
+from flexc.ir.spec import KVCacheSpec, parse_dtype
 from flexc.runtime.batch import SchedulerOutput, SeqKind
 from flexc.runtime.latency import IterationWork, LatencyModel
 from flexc.runtime.simulator.hardware import GPU
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = ["IterationDetail", "CostModel", "MeasuredCost", "RooflineCost", "iteration_detail", "kv_bytes_per_token",
            "kv_capacity"]
-
-_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IterationDetail:
@@ -216,13 +214,8 @@ def _sharded_graphs(compiled: Any) -> dict:
 
 
 def kv_bytes_per_token(compiled: Any) -> int:
-    """K and V bytes of one token over all layers: the memory plan's figure, else from the model's shape."""
-    for rec in getattr(compiled, "passes", ()):
-        if rec.name == "memory":
-            return int(rec.report.kv_cache_bytes_per_token)
-    m = compiled.graph.model
-    return 2 * int(m["num_layers"]) * int(m["num_kv_heads"]) * int(m["head_dim"]) * \
-        _DTYPE_BYTES.get(compiled.dtype, 2)
+    """K and V bytes of one token over all layers (the memory plan's and the engine's formula)."""
+    return KVCacheSpec.of_model(compiled.graph.model, compiled.dtype).bytes_per_token
 
 
 _PLANNED = ("base_weights", "adapter_weights", "adapter_grads", "optimizer", "activations", "transient")
@@ -237,7 +230,7 @@ def kv_capacity(compiled: Any, gpu: GPU, tp: int = 1) -> int:
     if report is not None:
         fixed = sum(int(report.breakdown.get(k, 0)) for k in _PLANNED)
     else:                                   # no memory plan (compiled without LoRA): the weights alone
-        fixed = int(compiled.graph.model.get("parameters", 0)) * _DTYPE_BYTES.get(compiled.dtype, 2)
+        fixed = int(compiled.graph.model.get("parameters", 0)) * parse_dtype(compiled.dtype).itemsize
     tokens = int((usable - fixed) // kv_bytes_per_token(compiled))
     if tokens <= 0:
         raise ValueError(f"{compiled.source.name} does not fit {tp} x {gpu.name}: the plan needs "

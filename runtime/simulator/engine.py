@@ -4,8 +4,8 @@ What stays real: the engine's step (schedule, execute, update, then the
 finetuning bookkeeping: free the K/V of a sequence whose forward completed, run
 the scheduled backward windows, hand them to the job, count finished tokens),
 the :class:`~flexc.runtime.scheduler.Scheduler` and the policy objects of
-:mod:`flexc.runtime.coserve`, the :class:`~flexc.runtime.kv_cache.KVCacheManager`
-(sized by the memory plan), the :class:`~flexc.runtime.coserve.FinetuneQueue`
+:mod:`flexc.runtime.policies`, the :class:`~flexc.runtime.kv_cache.KVCacheManager`
+(sized by the memory plan), the :class:`~flexc.runtime.finetune.FinetuneQueue`
 and :class:`~flexc.runtime.finetune.FinetuneJob` (gradient accumulation, step
 counting), the latency model the co-serving policy fills iterations with, and
 its online refinement from every iteration's (simulated) duration.
@@ -27,7 +27,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from flexc.runtime.batch import ExecutorOutput, SchedulerOutput, SeqKind
-from flexc.runtime.coserve import iteration_work
+from flexc.runtime.latency import iteration_work
 from flexc.runtime.engine import Engine, EngineConfig
 from flexc.runtime.finetune import FinetuneConfig, FinetuneJob
 from flexc.runtime.kv_cache import KVCacheManager

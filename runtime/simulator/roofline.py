@@ -40,8 +40,8 @@ import numpy as np
 import sympy
 import torch.fx as fx
 
-from flexc.ir.capture import TOKEN_SYMBOL
-from flexc.ir.graph import NODE_INFO, VIEW_OPS, alias_root
+from flexc.ir.graph import NODE_INFO, VIEW_OPS, storage_root
+from flexc.ir.vocab import TOKEN_SYMBOL
 
 __all__ = ["KernelTable", "CollectiveTable", "AttentionCost", "kernel_table", "collective_table",
            "attention_cost", "poly"]
@@ -229,7 +229,7 @@ class _Sizer:
         for i, a in enumerate(n.args):
             if not isinstance(a, fx.Node):
                 continue
-            root = alias_root(a)
+            root = storage_root(a)
             if root in inside:
                 continue
             if "aten.embedding" in _target(n) and i == 0:
@@ -263,7 +263,7 @@ def _returned(gm: fx.GraphModule, user_only: bool) -> tuple[set, set]:
         if not isinstance(a, fx.Node):
             continue
         kind = refs[i].kind if i < len(refs) else "user"
-        (saved if kind == "saved" and not user_only else user).add(alias_root(a))
+        (saved if kind == "saved" and not user_only else user).add(storage_root(a))
     return user, saved
 
 
@@ -348,7 +348,7 @@ def attention_cost(gm: fx.GraphModule, tp: int, kv_bytes_per_token: float) -> At
     pair_flops = qo = 0.0
     for n in nodes:
         pair_flops += 2 * size.flops(n)[2]
-        q = alias_root(n.args[0])
+        q = storage_root(n.args[0])
         qo += 2 * size.nbytes(q)[1]
     return AttentionCost(pair_flops=float(pair_flops), kv_bytes_per_token=float(kv_bytes_per_token),
                          qo_bytes_per_token=float(qo))

@@ -22,7 +22,7 @@ import math
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from flexc.runtime.coserve import POLICIES, make_policy
+from flexc.runtime.policies import POLICIES, make_policy
 from flexc.runtime.engine import EngineConfig
 from flexc.runtime.latency import LatencyModel
 from flexc.runtime.simulator.cost import CostModel, MeasuredCost, RooflineCost, kv_capacity

@@ -106,7 +106,7 @@ def test_tensor_parallel_collectives_by_hand(tmp_path):
     """At tp=2 a Megatron layer sends two all-reduces of its [T, hidden] output per forward (ring: 2(tp-1)/tp of
     the tensor each), and each rank computes half of every base matmul and of the LoRA A of down_proj (sharded on
     its input) but all of its LoRA B (replicated)."""
-    from flexc.models import LoraSpec
+    from flexc.ir.spec import LoraSpec
     from tests.utils import TINY, write_config
     c = TINY["llama"]
     hidden, inter, head_dim = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]

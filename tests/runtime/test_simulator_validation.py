@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flexc
-from flexc.runtime.coserve import CoServePolicy
+from flexc.runtime.policies import CoServePolicy
 from flexc.runtime.latency import IterationWork
 from flexc.runtime.simulator.validation import compare, error_line, make_load, run_real, run_replay
 
