@@ -40,7 +40,7 @@ from flexc.runtime.latency import LatencyModel, iteration_work
 from flexc.runtime.policies import InferenceOnlyPolicy, make_policy
 from flexc.runtime.profiling import profile_latency
 from flexc.runtime.metrics import EngineMetrics, MetricsRecorder
-from flexc.runtime.executor import ATTENTION_MODES, Executor, make_kv_spec
+from flexc.runtime.executor import BACKENDS, Executor, make_kv_spec
 from flexc.runtime.kv_cache import KVCacheManager, make_num_blocks
 from flexc.runtime.regions import RegionRunner
 from flexc.runtime.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulingPolicy
@@ -72,9 +72,9 @@ class EngineConfig:
     """Sequences per iteration."""
     max_adapters: int = 8
     """LoRA adapters resident at once."""
-    attention: str = "auto"
-    """``batched`` (one batched call for all decode tokens, CPU fast path), ``op`` (flexc::attention as
-    captured, Triton on CUDA) or ``auto`` (``batched`` on the CPU, ``op`` elsewhere)."""
+    backend: str = "eager"
+    """How the serving graphs run: ``eager`` (as captured, op by op) or ``inductor`` (``torch.compile``, dynamic
+    in the token count; compiled at the first batches, see ``executor.compile_seconds``)."""
     tpot_slo: float = 0.2
     """Target seconds per output token; the co-serving policy fills iterations with finetuning up to it."""
     ttft_slo: float = 5.0
@@ -87,8 +87,8 @@ class EngineConfig:
             raise ValueError("give kv_cache_tokens or kv_cache_bytes, not both")
         if self.kv_cache_tokens is None and self.kv_cache_bytes is None:
             self.kv_cache_tokens = 16384
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -181,7 +181,7 @@ class Engine:
                                                    max_num_seqs=self.config.max_num_seqs,
                                                    max_model_len=self.max_model_len), self.kv, policy)
         self.executor = Executor(compiled, model, kv_spec=kv_spec, num_blocks=num_blocks, adapters=self.adapters,
-                                 attention=self.config.attention, runner=runner)
+                                 runner=runner, backend=self.config.backend)
         self.eos_token_ids = self._eos_ids(model)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -400,8 +400,10 @@ class Engine:
                 self.load_adapter(adapter, seed=seed)
         layouts = make_layouts(self.executor.runner)
         shards = self.executor.runner.shards
-        job = FinetuneJob(f"job-{next(self._job_ids)}", data, self.adapters.get(adapter).weights, cfg,
-                          lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid), adapter_name=adapter,
+        weights = self.adapters.get(adapter).weights      # NOTE: the live tensors (views of its stack slot)
+        job = FinetuneJob(f"job-{next(self._job_ids)}", data, weights, cfg,
+                          lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid, adapter=weights),
+                          adapter_name=adapter,
                           peft_config=self.compiled.lora.to_peft(),
                           all_ranks=shards.all_true if shards is not None else None)
         self.finetune_queue.add(job)
