@@ -29,7 +29,7 @@ from flexc.ir.graph import storage_root, value_bytes
 from flexc.ir.spec import KVCacheSpec, parse_dtype
 from flexc.ir.vocab import TOKEN_SYMBOL, evaluate_at, is_sym_node
 from flexc.ir.graph import CompiledGraph
-from flexc.passes.manager import PassContext, register_pass
+from flexc.passes.manager import PassContext, define_pass
 from flexc.passes.prune import STRATEGIES, PruneReport, RegionPlan
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def _sizer(region: Any, seq_len: int):
     return nbytes
 
 
-@register_pass("memory", requires=("prune",))
+@define_pass("memory", requires=("prune",))
 def memory(graph: CompiledGraph, ctx: PassContext) -> MemoryReport:
     """Memory plan from the prune pass's saved sets and the installed graphs."""
     prune: PruneReport = ctx.results["prune"]

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from typing import Any, Optional
 
 import networkx as nx
@@ -48,10 +47,12 @@ import torch
 import torch.fx as fx
 
 from flexc.ir.capture import partition_joint
+from flexc.ir.spec import parse_bytes
 from flexc.ir.vocab import TOKEN_SYMBOL, CapturedRegion, evaluate_at, is_sym_node
 from flexc.ir.graph import (DECISION, CompiledGraph, Decision, RegionGraph, annotate, node_flops, storage_root,
                             value_bytes)
-from flexc.passes.manager import PassContext, register_pass
+from flexc.passes.manager import PassContext, define_pass
+from flexc.passes.multi_lora import branch_internals
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ the region's forward+backward FLOPs (the issue's ceiling: recompute at most 20% 
 
 _SHARED_INPUTS = {"layer": (1, 2, 3)}
 """Region inputs every layer receives as the same tensor (cos, sin, cu_seqlens): counted once per model."""
-_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
 _INF = math.inf
 
 
@@ -160,16 +160,10 @@ def parse_budget(value: Any) -> tuple[str, Optional[float]]:
         return "auto", None
     if value in ("max", "min"):
         return value, None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        num = float(value)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
-        if not m or m.group(2).lower() not in ("", *_UNITS):
-            raise ValueError(f"activation_budget {value!r}: expected 'max', 'min', 'auto' or bytes per token "
-                             "(e.g. 65536 or '64KiB')")
-        num = float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1)
-    else:
-        raise ValueError(f"activation_budget {value!r}: expected 'max', 'min', 'auto' or bytes per token")
+    try:
+        num = parse_bytes(value, "activation_budget")
+    except ValueError as e:
+        raise ValueError(f"{e}; or 'max', 'min', 'auto'") from None
     if not num > 0:
         raise ValueError(f"activation_budget must be positive bytes per token, got {value!r}")
     return "bytes", num
@@ -249,6 +243,23 @@ class JointAnalysis:
         self._flops: dict[fx.Node, sympy.Expr] = {}
         self._net: Optional[tuple] = None
         self._train: dict[frozenset, sympy.Expr] = {}
+        self.unsaveable = self._lora_internals()
+        """Forward nodes that only a LoRA branch computes: never kept for the backward (the serving graph's
+        multi-LoRA op does not compute them), recomputed from the branch input instead."""
+
+    def _lora_internals(self) -> set[fx.Node]:
+        """Run the multi-LoRA matcher on a forward-only copy of the joint graph (region outputs only)."""
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in self.nodes:
+            if n in self.fwd:
+                env[n] = g.node_copy(n, lambda a: env[a])
+                if n.op == "placeholder":
+                    env[n].meta["flexc_ref"] = self.refs.get(n)
+        g.output(tuple(env[a] for a in self.fwd_outputs[:self.captured.num_user_outputs]))
+        g.eliminate_dead_code()
+        by_name = {n.name: n for n in self.nodes}
+        return {by_name[name] for names in branch_internals(g).values() for name in names}
 
     # ---- sizes
     def nbytes(self, n: fx.Node) -> sympy.Expr:
@@ -379,7 +390,9 @@ class JointAnalysis:
         _, net, costs, members = self._net
         for n, f in costs.items():          # only the price-dependent edges change between calls
             edge = net["src"][(n, "in")]
-            if price is None:
+            if price is None and n in self.unsaveable:
+                edge["capacity"] = 1e-12 * f    # NOTE: recomputing a LoRA branch is the only way to have it
+            elif price is None:
                 edge.pop("capacity", None)      # no capacity: infinite
             else:
                 edge["capacity"] = price * f
@@ -400,12 +413,12 @@ class JointAnalysis:
         size = max(len(self.nodes), 1)
         for n in members:
             val = n.meta.get("val")
-            if isinstance(val, torch.Tensor):
+            if isinstance(val, torch.Tensor) and n not in self.unsaveable:
                 root = storage_root(n)
                 save = 0.0 if self.storage_kind(root) == "param" else evaluate_at(self.nbytes(root), self.seq_len)
                 net.add_edge((n, "in"), (n, "out"), capacity=save)
-            else:
-                net.add_edge((n, "in"), (n, "out"))          # a tuple of outputs cannot be saved as such
+            else:     # a tuple of outputs cannot be saved as such, nor what only a LoRA branch computes
+                net.add_edge((n, "in"), (n, "out"))
             if n.op == "placeholder" or torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ()):
                 net.add_edge("src", (n, "in"))
             else:
@@ -525,7 +538,13 @@ def partition_region(region: RegionGraph, strategy: str, seq_len: int, budget: A
 
 def _partition(an: JointAnalysis, kept: list[fx.Node], recomputed: set[str]):
     syms = [n for n in an.nodes if n in an.fwd and is_sym_node(n)]
-    fw, bw = partition_joint(an.captured, list(kept), syms)
+    # NOTE: a weight (or a view of one) is never passed as a saved value: the backward reads the parameter
+    # itself (capture binds it by name) and redoes the free views, so any adapter's weights can be bound there
+    passed: dict[fx.Node, None] = {}
+    for n in kept:
+        root = storage_root(n)
+        passed[root if an.storage_kind(root) == "param" else n] = None
+    fw, bw = partition_joint(an.captured, list(passed), syms)
     saved = {ph.name for ph in bw.graph.find_nodes(op="placeholder") if ph.meta["flexc_ref"].kind == "saved"}
     for gm, phase in ((fw, "forward"), (bw, "backward")):
         for n in gm.graph.nodes:
@@ -540,7 +559,7 @@ def _partition(an: JointAnalysis, kept: list[fx.Node], recomputed: set[str]):
     return fw, bw
 
 
-@register_pass("prune")
+@define_pass("prune")
 def prune(graph: CompiledGraph, ctx: PassContext) -> PruneReport:
     """Partition every trainable region for each strategy; install the one the budget selects."""
     budget = parse_budget(ctx.options.get("activation_budget"))

@@ -40,7 +40,7 @@ from flexc.runtime.latency import LatencyModel, iteration_work
 from flexc.runtime.policies import InferenceOnlyPolicy, make_policy
 from flexc.runtime.profiling import profile_latency
 from flexc.runtime.metrics import EngineMetrics, MetricsRecorder
-from flexc.runtime.executor import ATTENTION_MODES, Executor, make_kv_spec
+from flexc.runtime.executor import BACKENDS, Executor, make_kv_spec
 from flexc.runtime.kv_cache import KVCacheManager, make_num_blocks
 from flexc.runtime.regions import RegionRunner
 from flexc.runtime.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulingPolicy
@@ -72,9 +72,9 @@ class EngineConfig:
     """Sequences per iteration."""
     max_adapters: int = 8
     """LoRA adapters resident at once."""
-    attention: str = "auto"
-    """``batched`` (one batched call for all decode tokens, CPU fast path), ``op`` (flexc::attention as
-    captured, Triton on CUDA) or ``auto`` (``batched`` on the CPU, ``op`` elsewhere)."""
+    backend: str = "eager"
+    """How the serving graphs run: ``eager`` (as captured, op by op) or ``inductor`` (``torch.compile``, dynamic
+    in the token count; compiled at the first batches, see ``executor.compile_seconds``)."""
     tpot_slo: float = 0.2
     """Target seconds per output token; the co-serving policy fills iterations with finetuning up to it."""
     ttft_slo: float = 5.0
@@ -87,8 +87,8 @@ class EngineConfig:
             raise ValueError("give kv_cache_tokens or kv_cache_bytes, not both")
         if self.kv_cache_tokens is None and self.kv_cache_bytes is None:
             self.kv_cache_tokens = 16384
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -174,7 +174,7 @@ class Engine:
                                      memory_budget=self.config.kv_cache_bytes)
         self.adapters = AdapterRegistry(compiled.lora, model, self.config.max_adapters, shards=runner.shards)
         self.executor = Executor(compiled, model, kv_spec=kv_spec, num_blocks=num_blocks, adapters=self.adapters,
-                                 attention=self.config.attention, runner=runner)
+                                 runner=runner, backend=self.config.backend)
         self.eos_token_ids = self._eos_ids(model)
         self._init_loop(KVCacheManager(num_blocks, kv_spec.block_size),
                         LatencyModel(len(compiled.graph.layer_regions)), policy)
@@ -185,10 +185,8 @@ class Engine:
 
     def _init_loop(self, kv: KVCacheManager, latency: LatencyModel, policy: Union[None, str, SchedulingPolicy],
                    clock: Callable[[], float] = time.perf_counter) -> None:
-        """The serving loop's state over whatever executor ``self.executor`` is: the scheduler (over ``kv`` and
-        ``policy``, a name or an object), the finetuning queue, request tracking, metrics, and the clock every
-        timestamp reads (seconds). The simulator (:mod:`flexc.runtime.simulator`) builds its engine through
-        this with a simulated executor and clock; ``config`` and ``max_model_len`` must be set before."""
+        """The loop's state over any ``self.executor`` (the simulator's too): scheduler, finetuning queue, request
+        tracking, metrics and the ``clock`` every timestamp reads; ``config`` and ``max_model_len`` set before."""
         self.kv = kv
         self.latency = latency
         if isinstance(policy, str):
@@ -305,7 +303,8 @@ class Engine:
                 raise RuntimeError("no request could be scheduled although some are unfinished "
                                    f"({self.scheduler.num_waiting} waiting, {self.scheduler.num_running} running)")
             return []
-        lengths = self._finetune_lengths(batch)  # NOTE: before the bookkeeping drops finished sequences
+        ft = self.finetune_queue.sequences      # NOTE: lengths before the bookkeeping drops finished sequences
+        lengths = {sid: ft[sid].length if sid in ft else 0 for sid in batch.finetune_backward}
         result, ft_done = self._run_batch(batch)
         updates = self.scheduler.update_from_output(batch, result)
         self.executor.synchronize()             # NOTE: backward windows queue device work no token waits on
@@ -355,11 +354,6 @@ class Engine:
                 q.release(sid)
                 done += fs.length if fs.done else 0
         return done
-
-    def _finetune_lengths(self, batch: SchedulerOutput) -> dict[str, int]:
-        """Lengths of the finetuning sequences whose backward windows ``batch`` runs."""
-        seqs = self.finetune_queue.sequences
-        return {sid: seqs[sid].length if sid in seqs else 0 for sid in batch.finetune_backward}
 
     def _record(self, batch, lengths: dict[str, int], t0: float, seconds: float, generated: int,
                 ft_done: int) -> None:
@@ -415,8 +409,10 @@ class Engine:
                 self.load_adapter(adapter, seed=seed)
         layouts = make_layouts(self.executor.runner)
         shards = self.executor.runner.shards
-        job = FinetuneJob(f"job-{next(self._job_ids)}", data, self.adapters.get(adapter).weights, cfg,
-                          lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid), adapter_name=adapter,
+        weights = self.adapters.get(adapter).weights      # NOTE: the live tensors (views of its stack slot)
+        job = FinetuneJob(f"job-{next(self._job_ids)}", data, weights, cfg,
+                          lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid, adapter=weights),
+                          adapter_name=adapter,
                           peft_config=self.compiled.lora.to_peft(),
                           all_ranks=shards.all_true if shards is not None else None)
         self.finetune_queue.add(job)

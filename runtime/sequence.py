@@ -19,7 +19,7 @@ full-sequence forward and backward (tests/runtime/test_sequence.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import torch
 
@@ -76,7 +76,6 @@ class SequenceProgress:
         self.next_backward_layer = num_layers - 1
         self.head_done = False
 
-    # ---- forward -------------------------------------------------------------------------------------
     @property
     def forward_remaining(self) -> int:
         return self.length - self.forward_pos
@@ -111,14 +110,18 @@ class FinetuneSequence(SequenceProgress):
     """State of one training sequence between iterations."""
 
     def __init__(self, seq: "TrainingSequence", layouts: Sequence[SavedLayout], loss_scale: float,
-                 seq_id: str = ""):
+                 seq_id: str = "", adapter: Optional[Mapping[str, torch.Tensor]] = None):
+        """``adapter``: the LoRA tensors the sequence trains, by model parameter name (a resident adapter's
+        ``weights``), which its backward differentiates through; None: the model's own."""
         super().__init__(len(seq), len(layouts), seq_id)
         self.seq = seq
+        self.adapter = adapter
         self.loss_scale = loss_scale
         self.store = ActivationStore(layouts, self.length)
         self.dh: Optional[torch.Tensor] = None
         self._final = None
 
+    # ---- forward -------------------------------------------------------------------------------------
     def chunk_token_ids(self, start: int, end: int) -> list[int]:
         return list(self.seq.input_ids[start:end])
 
@@ -151,7 +154,7 @@ class FinetuneSequence(SequenceProgress):
             i = self.next_backward_layer
             if i < 0:
                 break
-            self.dh, grads = runner.layer_backward(i, self.store.backward_inputs(i), self.dh)
+            self.dh, grads = runner.layer_backward(i, self.store.backward_inputs(i), self.dh, self.adapter)
             self.store.release(i)
             result.grads.update(grads)
             result.layers.append(i)

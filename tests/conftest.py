@@ -1,7 +1,14 @@
-"""Test-wide settings: quiet library warnings, make `tests.utils` importable."""
+"""Test-wide settings: quiet library warnings, make `tests.utils` importable, and without a GPU run Triton
+kernels in its CPU interpreter (set before anything imports triton: triton reads it when it builds its own
+helpers)."""
 import os
 import sys
 import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

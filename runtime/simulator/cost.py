@@ -82,7 +82,7 @@ class MeasuredCost:
     name = "measured"
 
     def __init__(self, latency: LatencyModel):
-        if not latency.fitted:
+        if not any(c > 0 for c in latency.coef):
             raise ValueError("the measured cost model needs a fitted latency model (all coefficients are 0)")
         self.latency = LatencyModel(latency.num_layers, list(latency.coef))
 

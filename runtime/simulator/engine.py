@@ -161,8 +161,7 @@ def profile_samples(cost: CostModel, *, token_budget: int, seq_len: int, num_lay
                         IterationDetail(chunk_context_tokens=ctx + n, sampled_tokens=1)))
         for pos in (0, seq_len // 2):
             for d in (0, 32):
-                out.append((IterationWork(decode_tokens=d, ft_forward_tokens=n, attention_pairs=n * (pos + n),
-                                          ft_forward_passes=1),
+                out.append((IterationWork(decode_tokens=d, ft_forward_tokens=n, attention_pairs=n * (pos + n)),
                             IterationDetail(decode_context_tokens=d * (context + 1), sampled_tokens=d,
                                             chunk_context_tokens=pos + n)))
     for length in (max(1, seq_len // 4), seq_len):

@@ -31,7 +31,7 @@ def test_simulation_matches_a_real_coserving_run():
                                               token_budget=BUDGET, kv_cache_tokens=8192)
         engine.fit_latency_model()
         full = engine.latency.predict(IterationWork(decode_tokens=4, ft_forward_tokens=BUDGET - 4,
-                                                    attention_pairs=(BUDGET - 4) * 64, ft_forward_passes=1))
+                                                    attention_pairs=(BUDGET - 4) * 64))
         tpot_slo, ttft_slo = 2.5 * full, 5.0 * full
         engine.scheduler.policy = CoServePolicy(engine.latency, tpot_slo)   # refined online by the engine
         load = make_load(rate=0.25 / full, duration=DURATION, seed=0, vocab_size=engine.vocab_size, cv=3.0)
