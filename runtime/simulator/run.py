@@ -232,8 +232,10 @@ def _engine(spec: InstanceSpec, config: SimulationConfig, policy: str) -> Simula
 
 
 def simulate_instance(spec: InstanceSpec, config: SimulationConfig, policy: str, rate: float,
-                      progress: Optional[Progress] = None, serve: bool = True) -> RunResult:
-    """One run of ``policy`` (a runtime policy name) at ``rate`` requests/s; ``serve=False``: no requests."""
+                      progress: Optional[Progress] = None, serve: bool = True,
+                      keep_requests: bool = False) -> RunResult:
+    """One run of ``policy`` (a runtime policy name) at ``rate`` requests/s; ``serve=False``: no requests;
+    ``keep_requests``: the notes hold every finished request's TTFT and TPOT (``ttfts``, ``tpots``)."""
     t_wall = time.perf_counter()
     engine = _engine(spec, config, policy)
     job = None
@@ -264,6 +266,8 @@ def simulate_instance(spec: InstanceSpec, config: SimulationConfig, policy: str,
     stats = summarize_requests(run.ttfts, run.tpots, len(requests), config.tpot_slo, config.ttft_slo)
     notes = {"optimizer_steps": job.step if job is not None else 0, "preemptions": run.preemptions,
              "unfinished": run.unfinished}
+    if keep_requests:
+        notes.update(ttfts=list(run.ttfts), tpots=list(run.tpots))
     return RunResult(policy=policy, rate=rate, duration=config.duration, requests=len(requests),
                      finished=len(run.ttfts), inference_tokens_per_s=run.generated / config.duration,
                      finetune_tokens_per_s=run.finetune_tokens / config.duration, iterations=run.iterations,

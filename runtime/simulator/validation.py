@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from flexc.runtime.dataset import TrainingSequence
     from flexc.runtime.engine import Engine
 
-__all__ = ["ValidationLoad", "make_load", "RealRun", "run_real", "run_replay", "compare", "METRICS"]
+__all__ = ["ValidationLoad", "make_load", "RealRun", "run_real", "run_replay", "compare", "attainment", "METRICS",
+           "full_iteration"]
 
 METRICS = ("slo_attainment", "finetune_tokens_per_s", "tpot_p50", "ttft_p50", "inference_tokens_per_s")
 
@@ -83,6 +84,12 @@ class RealRun:
     """What the real engine did."""
 
     metrics: dict
+    """Metrics at the SLOs the run was given."""
+    ttfts: list[float]
+    """TTFT (from arrival) of every finished request."""
+    tpots: list[float]
+    requests: int
+    """Requests that arrived in the window."""
     latency_start: LatencyModel
     """The engine's latency model when the run began (its start-up fit)."""
     latency_end: LatencyModel
@@ -133,7 +140,8 @@ def run_real(engine: "Engine", load: ValidationLoad, *, duration: float, tpot_sl
     metrics = summarize_requests(ttfts, tpots, i, tpot_slo, ttft_slo)
     metrics.update(finetune_tokens_per_s=ft / duration, inference_tokens_per_s=generated / duration,
                    requests=i, finished=len(ttfts))
-    return RealRun(metrics=metrics, latency_start=latency_start, latency_end=copy.deepcopy(engine.latency),
+    return RealRun(metrics=metrics, ttfts=ttfts, tpots=tpots, requests=i, latency_start=latency_start,
+                   latency_end=copy.deepcopy(engine.latency),
                    iterations=len(engine.recorder.history), wall=wall)
 
 
@@ -155,11 +163,25 @@ def run_replay(load: ValidationLoad, *, cost_latency: LatencyModel, policy_laten
     cfg = SimulationConfig(rates=(1.0,), policies=(policy,), duration=duration, drain=drain, requests=load.requests,
                            tpot_slo=tpot_slo, ttft_slo=ttft_slo, token_budget=token_budget, finetune=load.shapes,
                            grad_accum=grad_accum, lr=lr, instances=2)
-    res = simulate_instance(spec, cfg, policy, 1.0)
+    res = simulate_instance(spec, cfg, policy, 1.0, keep_requests=True)
     out = {m: getattr(res, m) for m in ("slo_attainment", "finetune_tokens_per_s", "tpot_p50", "tpot_mean",
                                          "ttft_mean", "ttft_p50", "ttft_p99", "tpot_p99", "inference_tokens_per_s")}
-    out.update(requests=res.requests, finished=res.finished, iterations=res.iterations)
+    out.update(requests=res.requests, finished=res.finished, iterations=res.iterations, ttfts=res.notes["ttfts"],
+               tpots=res.notes["tpots"])
     return out
+
+
+def attainment(ttfts: Sequence[float], tpots: Sequence[float], requests: int, tpot_slo: float,
+               ttft_slo: float) -> float:
+    """SLO attainment of per-request TTFTs and TPOTs over ``requests`` arrivals (the unfinished ones miss)."""
+    return summarize_requests(ttfts, tpots, requests, tpot_slo, ttft_slo)["slo_attainment"]
+
+
+def full_iteration(latency: LatencyModel, token_budget: int) -> float:
+    """Predicted seconds of a full iteration: 4 decodes and a finetuning chunk filling the token budget."""
+    from flexc.runtime.latency import IterationWork
+    n = token_budget - 4
+    return latency.predict(IterationWork(decode_tokens=4, ft_forward_tokens=n, attention_pairs=n * 64))
 
 
 def compare(real: dict, simulated: dict, metrics: Sequence[str] = METRICS) -> dict[str, dict]:

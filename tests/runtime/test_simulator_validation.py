@@ -5,8 +5,8 @@ import torch
 
 import flexc
 from flexc.runtime.policies import CoServePolicy
-from flexc.runtime.latency import IterationWork
-from flexc.runtime.simulator.validation import compare, error_line, make_load, run_real, run_replay
+from flexc.runtime.simulator.validation import (attainment, compare, error_line, full_iteration, make_load,
+                                                run_real, run_replay)
 
 BUDGET = 128
 DURATION = 30.0
@@ -20,27 +20,29 @@ def test_simulation_matches_a_real_coserving_run():
     with that refined model (fitted on this machine, on this run's iterations) and starts its policy from the
     start-up profile, as the real policy started.
 
-    The load is set relative to this machine's speed (a shared machine may run several times slower than a quiet
-    one): T = the profiled time of a full iteration (BUDGET tokens); TPOT SLO 2.5 T (the token budget, not the
-    SLO, caps how much finetuning an iteration takes), queueing + TTFT SLO 5 T, bursty arrivals (gamma, CV 3) at
-    0.25 / T requests/s, so that bursts queue and part of the requests miss their TTFT."""
+    Everything is set relative to this machine's speed (a shared machine may run several times slower than a quiet
+    one): T0 = the start-up profile's full iteration (BUDGET tokens) sets the load, bursty arrivals (gamma, CV 3)
+    at 0.15 / T0 req/s, and the TPOT target the policy fills to, 2.5 T0 (the token budget, not the target, caps
+    the finetuning an iteration takes); T = the same from the refined model sets the SLOs both sides are judged
+    by: TPOT < 2.5 T and queueing + TTFT < 8 T."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         engine = flexc.Engine.from_pretrained("smollm2-135m", lora=flexc.LoraSpec(r=16, alpha=32),
                                               token_budget=BUDGET, kv_cache_tokens=8192)
         engine.fit_latency_model()
-        full = engine.latency.predict(IterationWork(decode_tokens=4, ft_forward_tokens=BUDGET - 4,
-                                                    attention_pairs=(BUDGET - 4) * 64))
-        tpot_slo, ttft_slo = 2.5 * full, 5.0 * full
-        engine.scheduler.policy = CoServePolicy(engine.latency, tpot_slo)   # refined online by the engine
-        load = make_load(rate=0.25 / full, duration=DURATION, seed=0, vocab_size=engine.vocab_size, cv=3.0)
-        real = run_real(engine, load, duration=DURATION, drain=DRAIN, tpot_slo=tpot_slo, ttft_slo=ttft_slo)
+        t0 = full_iteration(engine.latency, BUDGET)
+        engine.scheduler.policy = CoServePolicy(engine.latency, 2.5 * t0)   # refined online by the engine
+        load = make_load(rate=0.15 / t0, duration=DURATION, seed=0, vocab_size=engine.vocab_size, cv=3.0)
+        real = run_real(engine, load, duration=DURATION, drain=DRAIN, tpot_slo=2.5 * t0, ttft_slo=8 * t0)
     finally:
         torch.set_num_threads(threads)
     sim = run_replay(load, cost_latency=real.latency_end, policy_latency=real.latency_start, policy="coserve",
-                     duration=DURATION, drain=DRAIN, tpot_slo=tpot_slo, ttft_slo=ttft_slo, token_budget=BUDGET,
+                     duration=DURATION, drain=DRAIN, tpot_slo=2.5 * t0, ttft_slo=8 * t0, token_budget=BUDGET,
                      kv_tokens=8192, max_model_len=engine.max_model_len)
+    t = full_iteration(real.latency_end, BUDGET)
+    real.metrics["slo_attainment"] = attainment(real.ttfts, real.tpots, real.requests, 2.5 * t, 8 * t)
+    sim["slo_attainment"] = attainment(sim["ttfts"], sim["tpots"], sim["requests"], 2.5 * t, 8 * t)
     rows = compare(real.metrics, sim, ("slo_attainment", "finetune_tokens_per_s", "tpot_p50"))
-    assert real.metrics["requests"] >= 10 and real.metrics["finetune_tokens_per_s"] > 0, real.metrics
+    assert real.requests >= 5 and real.metrics["finetune_tokens_per_s"] > 0, real.metrics
     assert all(v["relative_error"] <= 0.15 for v in rows.values()), error_line(rows)
