@@ -190,7 +190,7 @@ def format_pareto(s: dict) -> str:
     for p in reversed(s["pareto"]):
         names = _on_curve(s, p)
         marked.update(names)
-        price = f"{p['price_low']:.3g}-{p['price_high']:.3g}"
+        price = f"{p['price_low']:.4g}-{p['price_high']:.4g}"
         out.append(f"{price:>21} {_size(p['activation_bytes']):>12} {p['activation_bytes'] / s['seq_len']:>12.0f} "
                    f"{_flops(p['recompute_flops']):>14} {100 * p['recompute_fraction']:>11.2f}%"
                    + (f"  <- {', '.join(names)}" if names else ""))

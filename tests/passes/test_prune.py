@@ -132,7 +132,7 @@ def test_sweep_holds_the_min_cut_of_every_price(tiny_llama):
             assert plan.recomputed == pt.plan.recomputed, (name, price)
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.35])
+@pytest.mark.parametrize("fraction", [0.0, 0.35])
 def test_recompute_budget_choice_is_the_curves_best(tiny_llama, fraction):
     """For a recompute budget the installed plan is a point of the sweep: the one with the fewest saved bytes whose
     recompute stays within the budget's share of the region's training FLOPs."""
