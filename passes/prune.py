@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import operator
 import re
 from typing import Any, Optional
 
@@ -50,15 +49,17 @@ import sympy
 import torch
 import torch.fx as fx
 
-from flexc.ir.capture import TOKEN_SYMBOL, CapturedRegion, InputRef, is_sym_node, partition_joint
-from flexc.ir.graph import DECISION, VIEW_OPS, CompiledGraph, Decision, RegionGraph, annotate, node_flops
+from flexc.ir.capture import partition_joint
+from flexc.ir.vocab import TOKEN_SYMBOL, CapturedRegion, evaluate_at, is_sym_node
+from flexc.ir.graph import (DECISION, CompiledGraph, Decision, RegionGraph, annotate, node_flops, storage_root,
+                            value_bytes)
 from flexc.passes.manager import PassContext, register_pass
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["prune", "PruneReport", "RegionPlan", "SavedValue", "SweepPoint", "STRATEGIES",
            "DEFAULT_RECOMPUTE_FRACTION", "JointAnalysis", "partition_region", "parse_budget",
-           "parse_recompute_budget", "evaluate", "storage_root"]
+           "parse_recompute_budget"]
 
 STRATEGIES = ("autograd", "checkpoint", "pruned", "pruned_remat")
 DEFAULT_RECOMPUTE_FRACTION = 0.2
@@ -114,7 +115,7 @@ class RegionPlan:
 
     def to_dict(self, seq_len: int) -> dict:
         def ev(e):
-            return evaluate(e, seq_len)
+            return evaluate_at(e, seq_len)
         return {
             "strategy": self.strategy,
             "saved_bytes": str(self.saved_bytes), "saved_bytes_per_token": ev(self.saved_bytes) / seq_len,
@@ -150,8 +151,8 @@ class SweepPoint:
 
     def to_dict(self, seq_len: int) -> dict:
         return {"price_low": self.price_low, "price_high": self.price_high,
-                "saved_bytes": evaluate(self.plan.saved_bytes, seq_len),
-                "recompute_flops": evaluate(self.plan.recompute_flops, seq_len),
+                "saved_bytes": evaluate_at(self.plan.saved_bytes, seq_len),
+                "recompute_flops": evaluate_at(self.plan.recompute_flops, seq_len),
                 "num_recomputed": len(self.plan.recomputed)}
 
 
@@ -191,13 +192,6 @@ def _dim(d: Any) -> str:
     """A dimension for reports: T stays T; any other symbol is the sequence-start count N+1."""
     e = sympy.sympify(d)
     return str(e.xreplace({s: sympy.Symbol("N+1") for s in e.free_symbols if s != TOKEN_SYMBOL}))
-
-
-def evaluate(expr: Any, seq_len: int) -> float:
-    """Value of a sympy expression at T = seq_len (other symbols, e.g. the sequence count + 1, set to 2)."""
-    e = sympy.sympify(expr)
-    subs = {s: (seq_len if s == TOKEN_SYMBOL else 2) for s in e.free_symbols}
-    return float(e.xreplace(subs))
 
 
 def parse_budget(value: Any) -> tuple[str, Optional[float]]:
@@ -240,25 +234,6 @@ def parse_recompute_budget(value: Any) -> float:
 def _tensor_val(n: fx.Node) -> Optional[torch.Tensor]:
     v = n.meta.get("val")
     return v if isinstance(v, torch.Tensor) else None
-
-
-def _is_getitem(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target is operator.getitem
-
-
-def storage_root(n: fx.Node) -> fx.Node:
-    """The node owning ``n``'s storage: walk views and detach; an output of a multi-output op owns its own."""
-    while n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node):
-        if _is_getitem(n):
-            src = n.args[0]
-            if str(src.target) not in VIEW_OPS:        # getitem of (out, lse): its own storage
-                return n
-            n = src
-        elif str(n.target) in VIEW_OPS:
-            n = n.args[0]
-        else:
-            return n
-    return n
 
 
 def _freeze(x: Any) -> Any:
@@ -335,13 +310,7 @@ class JointAnalysis:
     # ---- sizes
     def nbytes(self, n: fx.Node) -> sympy.Expr:
         if n not in self._bytes:
-            v = _tensor_val(n)
-            e = sympy.Integer(0)
-            if v is not None:
-                e = sympy.Integer(v.element_size())
-                for d in v.shape:
-                    e *= self.captured.to_token_expr(d)
-            self._bytes[n] = e
+            self._bytes[n] = value_bytes(n, self.captured)
         return self._bytes[n]
 
     def shape(self, n: fx.Node) -> tuple:
@@ -532,7 +501,7 @@ class JointAnalysis:
             val = n.meta.get("val")
             if isinstance(val, torch.Tensor):
                 root = storage_root(n)
-                save = 0.0 if self.storage_kind(root) == "param" else evaluate(self.nbytes(root), self.seq_len)
+                save = 0.0 if self.storage_kind(root) == "param" else evaluate_at(self.nbytes(root), self.seq_len)
                 net.add_edge((n, "in"), (n, "out"), capacity=save)
             else:
                 net.add_edge((n, "in"), (n, "out"))          # a tuple of outputs cannot be saved as such
@@ -540,7 +509,7 @@ class JointAnalysis:
                 net.add_edge("src", (n, "in"))
             else:
                 # NOTE: ties (every K=hidden matmul has the same bytes per FLOP) are broken towards earlier nodes
-                cost = evaluate(self.flops(n), self.seq_len) * (1 + 0.05 * self.order[n] / size)
+                cost = evaluate_at(self.flops(n), self.seq_len) * (1 + 0.05 * self.order[n] / size)
                 if cost > 0:                 # zero-FLOP ops (views) are free to recompute: no source edge
                     costs[n] = cost
                     net.add_edge("src", (n, "in"))         # priced per cut on the residual network
@@ -584,7 +553,7 @@ def _remat(an: JointAnalysis, need: set[fx.Node], budget: tuple[str, Optional[fl
     points = an.sweep(need)         # ascending in price: bytes rise, recompute falls
 
     def at(e: sympy.Expr) -> float:
-        return evaluate(e, an.seq_len)
+        return evaluate_at(e, an.seq_len)
     if mode == "bytes":
         fits = [p for p in points if at(p.plan.saved_bytes) / an.seq_len <= limit]
         if not fits:                # even the fewest bytes exceed the budget: take them (budget_met False)
@@ -676,14 +645,14 @@ def prune(graph: CompiledGraph, ctx: PassContext) -> PruneReport:
                 chosen = (an, kept, plan)
         sweeps[name] = merged.sweep(merged.needed())
         an, kept, plan = chosen
-        if budget[0] == "bytes" and evaluate(plan.saved_bytes, seq_len) / seq_len > budget[1]:
+        if budget[0] == "bytes" and evaluate_at(plan.saved_bytes, seq_len) / seq_len > budget[1]:
             met = False
         fw, bw = _partition(an, kept, set(plan.recomputed))
         region.captured.fw, region.captured.bw = fw, bw
         annotate(region)
         logger.info("prune %s: %s saves %.0f B/token (autograd %.0f), recomputes %d nodes", name, install,
-                    evaluate(plan.saved_bytes, seq_len) / seq_len,
-                    evaluate(plans[name]["autograd"].saved_bytes, seq_len) / seq_len, len(plan.recomputed))
+                    evaluate_at(plan.saved_bytes, seq_len) / seq_len,
+                    evaluate_at(plans[name]["autograd"].saved_bytes, seq_len) / seq_len, len(plan.recomputed))
     budget_text = str(ctx.options.get("activation_budget") or "auto")
     return PruneReport(modified=bool(plans), budget=budget_text, recompute_budget=fraction, seq_len=seq_len,
                        installed=install, budget_met=met, regions=plans, sweeps=sweeps)

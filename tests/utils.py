@@ -87,7 +87,8 @@ class TinyLlama:
 
 def build_tiny_llama(tmp_path) -> TinyLlama:
     import flexc
-    from flexc.models import LoraSpec, load_model, resolve_model
+    from flexc.ir.spec import LoraSpec
+    from flexc.models import load_model, resolve_model
     src = resolve_model(write_config(tmp_path, "llama"))
     spec = LoraSpec(r=4, alpha=8)
     cm = flexc.compile(src, lora=spec, seq_len=16)

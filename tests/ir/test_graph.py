@@ -3,7 +3,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from flexc.ir.capture import TOKEN_SYMBOL
+from flexc.ir.vocab import TOKEN_SYMBOL
 from flexc.ir.graph import NODE_INFO, VIEW_OPS, RegionGraph, Role, annotate
 from flexc.ir.program import RegionProgram
 from flexc.ir.regions import TOKEN_INPUTS, LayerRegion, causal_lm_parts

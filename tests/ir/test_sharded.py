@@ -5,7 +5,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from flexc.ir.capture import InputRef, OutputRef
+from flexc.ir.vocab import InputKind, InputRef, OutputKind, OutputRef
 from flexc.ir.parallel import Replicate, Shard, propagate
 from flexc.ir.sharded import (COLLECTIVE_OPS, GROUP_PLACEHOLDER, bind_group, collective_nodes, local_chunk,
                               make_sharded_graph)
@@ -32,9 +32,9 @@ def graphs():
     gm = make_fx(_block)(*inputs)
     phs = gm.graph.find_nodes(op="placeholder")
     for i, p in enumerate(phs):
-        p.meta["flexc_ref"] = InputRef(kind="user", index=i)
-    gm.graph.find_nodes(op="output")[0].meta["flexc_ref"] = [OutputRef(kind="user", index=0),
-                                                             OutputRef(kind="user", index=1)]
+        p.meta["flexc_ref"] = InputRef(kind=InputKind.USER, index=i)
+    gm.graph.find_nodes(op="output")[0].meta["flexc_ref"] = [OutputRef(kind=OutputKind.USER, index=0),
+                                                             OutputRef(kind=OutputKind.USER, index=1)]
     prop = propagate(gm, {p.name: pl for p, pl in zip(phs, PLACEMENTS)}, TP, outputs=lambda i, a: Replicate())
     return gm, prop, make_sharded_graph(gm, prop, TP), inputs
 

@@ -5,8 +5,7 @@ import pytest
 import sympy
 import torch
 
-from flexc.ir.capture import TOKEN_SYMBOL
-from flexc.passes.prune import evaluate
+from flexc.ir.vocab import TOKEN_SYMBOL, evaluate_at
 from flexc.runtime.activations import ActivationStore, SavedSlot
 from flexc.runtime.regions import RegionRunner
 from flexc.runtime.sequence import make_layouts
@@ -109,9 +108,9 @@ def test_nbytes_counts_distinct_storages_as_the_plan_predicts(runner):
     run_batch(runner, TinyCache(runner), [("ft", list(range(L)), list(range(L)), rec)])
     plan = runner.compiled.passes[0].report.regions["layer.0"][runner.compiled.passes[0].report.installed]
     token_sized = [v for v in plan.saved if any(TOKEN_SYMBOL in sympy.sympify(d).free_symbols for d in v.shape)]
-    cu_bytes = evaluate(plan.saved_bytes + plan.shared_bytes - sum(v.nbytes for v in token_sized), L)
+    cu_bytes = evaluate_at(plan.saved_bytes + plan.shared_bytes - sum(v.nbytes for v in token_sized), L)
     assert cu_bytes == 4 * 2                                  # only cu_seqlens (N+1 = 2) is not token-sized
-    assert store.nbytes() == 3 * evaluate(sum(v.nbytes for v in token_sized), L)
+    assert store.nbytes() == 3 * evaluate_at(sum(v.nbytes for v in token_sized), L)
     # the same tensor twice in the saved list: one buffer, counted once
     twice = ActivationStore([SimpleNamespace(slots=[SavedSlot("rows", dim=0)] * 2)], 4)
     x = torch.randn(4, 64)

@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
 from flexc.runtime.adapters import AdapterRegistry
 from tests.runtime.utils import save_tiny_adapter, save_tiny_model
 from tests.utils import rel_err
