@@ -179,7 +179,7 @@ def write_png(s: dict, path: str) -> None:
 def _on_curve(s: dict, point: dict) -> list[str]:
     """Strategies whose whole-model bytes and recompute FLOPs are this curve point's."""
     return [name for name, st in s["strategies"].items()
-            if st["activation_bytes"] == point["activation_bytes"] and st["recompute_flops"] == point["recompute_flops"]]
+            if (st["activation_bytes"], st["recompute_flops"]) == (point["activation_bytes"], point["recompute_flops"])]
 
 
 def format_pareto(s: dict) -> str:

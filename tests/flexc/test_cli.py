@@ -62,7 +62,8 @@ def test_recompute_budget_flag(tmp_path, capsys):
     recompute stays within 35% of its training FLOPs (the sweep in plan.json), keeping less than the default 20%."""
     cfg = write_config(tmp_path, "llama")
     out = tmp_path / "plan.json"
-    assert main(["compile", cfg, "--lora-r", "4", "--seq-len", "16", "--recompute-budget", "35%", "-o", str(out)]) == 0
+    assert main(["compile", cfg, "--lora-r", "4", "--lora-targets", "down_proj", "--seq-len", "16",
+                 "--recompute-budget", "35%", "-o", str(out)]) == 0
     plan = json.loads(out.read_text())
     prune = next(p["report"] for p in plan["passes"] if p["name"] == "prune")
     assert prune["recompute_budget"] == pytest.approx(0.35) and plan["options"]["recompute_budget"] == 0.35
