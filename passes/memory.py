@@ -30,7 +30,8 @@ from flexc.ir.spec import KVCacheSpec, parse_dtype
 from flexc.ir.vocab import TOKEN_SYMBOL, evaluate_at, is_sym_node
 from flexc.ir.graph import CompiledGraph
 from flexc.passes.manager import PassContext, define_pass
-from flexc.passes.prune import STRATEGIES, PruneReport, RegionPlan, SweepPoint
+from flexc.passes.joint import RegionPlan, SweepPoint
+from flexc.passes.prune import STRATEGIES, PruneReport
 
 logger = logging.getLogger(__name__)
 

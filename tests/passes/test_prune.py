@@ -6,8 +6,8 @@ from flexc.ir.graph import DECISION, Decision
 from flexc.passes.manager import PassContext
 from flexc.runtime.measure import measure_saved_bytes
 from flexc.ir.vocab import evaluate_at
-from flexc.passes.prune import (STRATEGIES, JointAnalysis, parse_budget, parse_recompute_budget, partition_region,
-                                prune)
+from flexc.passes.joint import JointAnalysis
+from flexc.passes.prune import (STRATEGIES, parse_budget, parse_recompute_budget, partition_region, prune)
 from tests.utils import rel_err
 
 
