@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base weight dtype (default bf16 for presets, fp32 for models with weights)")
     p.add_argument("--activation-budget", default=None,
                    help="bytes per token (or 'max'/'min') the prune pass may keep for the backward")
+    p.add_argument("--recompute-budget", default=None, metavar="FRACTION",
+                   help="default activation budget only: keep the fewest bytes whose recompute stays within this "
+                        "fraction of each region's training FLOPs (0-1 or e.g. 30%%; default 0.2)")
     p.add_argument("--device-memory", type=_size, default=None, help="device memory for the plan, e.g. 80GiB")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--tp-plan", default=None, help="JSON base TP plan {module pattern: colwise|rowwise|replicate}")
@@ -98,6 +101,12 @@ def main_compile(args: argparse.Namespace) -> int:
         options["tp_plan"] = args.tp_plan
     if args.activation_budget is not None:
         options["activation_budget"] = args.activation_budget
+    if args.recompute_budget is not None:
+        from flexc.passes.prune import parse_recompute_budget
+        if args.activation_budget not in (None, "auto"):
+            raise ValueError(f"--recompute-budget applies to the default activation budget ('auto'), not "
+                             f"--activation-budget {args.activation_budget}")
+        options["recompute_budget"] = parse_recompute_budget(args.recompute_budget)
     if args.device_memory is not None:
         options["device_memory"] = args.device_memory
     if os.getcwd() not in sys.path:       # NOTE: --pass module:function resolves from here, as ``python -m`` does
