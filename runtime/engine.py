@@ -184,9 +184,10 @@ class Engine:
                     kv_spec.block_size, num_blocks * kv_spec.bytes_per_block / 2**20, self.config.token_budget)
 
     def _init_loop(self, kv: KVCacheManager, latency: LatencyModel, policy: Union[None, str, SchedulingPolicy],
-                   clock: Callable[[], float] = time.perf_counter) -> None:
+                   clock: Optional[Callable[[], float]] = None) -> None:
         """The loop's state over any ``self.executor`` (the simulator's too): scheduler, finetuning queue, request
-        tracking, metrics and the ``clock`` every timestamp reads; ``config`` and ``max_model_len`` set before."""
+        tracking, metrics and the ``clock`` every timestamp reads (default ``time.perf_counter``); ``config`` and
+        ``max_model_len`` set before."""
         self.kv = kv
         self.latency = latency
         if isinstance(policy, str):
@@ -194,7 +195,7 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(token_budget=self.config.token_budget,
                                                    max_num_seqs=self.config.max_num_seqs,
                                                    max_model_len=self.max_model_len), kv, policy)
-        self.clock = clock
+        self.clock = clock or time.perf_counter
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self.finetune_queue = FinetuneQueue()

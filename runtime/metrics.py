@@ -56,8 +56,9 @@ def percentile(values: Sequence[float], q: float) -> float:
 class MetricsRecorder:
     """Collects iterations and finished requests; SLOs in seconds."""
 
-    def __init__(self, tpot_slo: float, ttft_slo: float, clock: Callable[[], float] = time.perf_counter):
-        """``clock``: what ``summary`` reads the end of the wall time from (the engine's clock)."""
+    def __init__(self, tpot_slo: float, ttft_slo: float, clock: Optional[Callable[[], float]] = None):
+        """``clock``: what ``summary`` reads the end of the wall time from (the engine's clock; default
+        ``time.perf_counter``)."""
         self.tpot_slo = tpot_slo
         self.ttft_slo = ttft_slo
         self.clock = clock
@@ -87,7 +88,8 @@ class MetricsRecorder:
         self.requests.append((ttft, tpot))
 
     def summary(self, with_history: bool = True) -> EngineMetrics:
-        wall = (self.clock() - self.start) if self.start is not None else 0.0
+        now = self.clock() if self.clock is not None else time.perf_counter()
+        wall = (now - self.start) if self.start is not None else 0.0
         ttfts = [a for a, _ in self.requests]
         tpots = [b for _, b in self.requests]
         n = len(self.requests)
