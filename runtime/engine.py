@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from flexc.runtime.adapter_training import OwnCoordinatesJob
 from flexc.runtime.adapters import AdapterRegistry
 from flexc.runtime.batch import ExecutorOutput, SamplingParams, SchedulerOutput, SeqKind
 from flexc.runtime.coserve import FinetuneQueue, InferenceOnlyPolicy, iteration_work, make_policy, profile_latency
@@ -193,11 +194,15 @@ class Engine:
                         dtype: str = "fp32", token_budget: int = 512, block_size: int = 16,
                         attention: str = "auto", policy: Union[None, str, SchedulingPolicy] = None,
                         tpot_slo: float = 0.2, ttft_slo: float = 5.0, latency_profile: Optional[str] = None,
-                        dims: Optional["ParallelDims"] = None, device: str = "auto") -> "Engine":
+                        dims: Optional["ParallelDims"] = None, device: str = "auto",
+                        max_lora_rank: Optional[int] = None) -> "Engine":
         """Compile ``name_or_path`` (see ``flexc.resolve_model``), load its weights and tokenizer.
 
         ``lora``: None (base model only), True, a ``LoraSpec``, its dict or a ``peft.LoraConfig``: the adapter
-        structure every adapter served by this engine must fit (same rank, targets a subset).
+        structure every adapter served by this engine must fit (rank up to its r, targets a subset, any alpha).
+        ``max_lora_rank`` (instead of ``lora``): serve and finetune PEFT adapters of rank 1..max_lora_rank on any
+        of the seven projections (compiled as ``LoraSpec(r=max_lora_rank, alpha=max_lora_rank)``; each adapter's
+        own alpha and targets come from its config).
         ``dims``: this process's rank in a tensor-parallel group (``run_tp`` passes it): compiled for
         ``tp=dims.tp``, the result is a :class:`~flexc.runtime.tp_engine.TPEngine` holding this rank's shards.
         ``device``: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``: where the
@@ -211,6 +216,12 @@ class Engine:
         where = resolve_device(device)
         source = resolve_model(name_or_path)
         spec = LoraSpec.coerce(lora)
+        if max_lora_rank is not None:
+            if not isinstance(max_lora_rank, int) or isinstance(max_lora_rank, bool) or max_lora_rank < 1:
+                raise ValueError(f"max_lora_rank must be a positive integer, got {max_lora_rank!r}")
+            if spec is not None and spec.r != max_lora_rank:
+                raise ValueError(f"max_lora_rank={max_lora_rank} disagrees with lora r={spec.r}; give one of them")
+            spec = spec or LoraSpec(r=max_lora_rank, alpha=max_lora_rank)
         tp = dims.tp if dims is not None else 1
         check_tp(model_shape(source), tp)
         # NOTE: the training passes (memory plan) have nothing to plan for a base-only engine: skip them there
@@ -434,18 +445,36 @@ class Engine:
                 self.load_adapter(adapter, seed=seed)
         layouts = make_layouts(self.executor.runner)
         shards = self.executor.runner.shards
-        job = FinetuneJob(f"job-{next(self._job_ids)}", data, self.adapters.get(adapter).weights, cfg,
-                          lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid), adapter_name=adapter,
-                          peft_config=self.compiled.lora.to_peft(),
-                          all_ranks=shards.all_true if shards is not None else None)
+        # NOTE: trained in the adapter's own coordinates (its rank, targets, scaling): PEFT's optimizer steps
+        job = OwnCoordinatesJob(f"job-{next(self._job_ids)}", data, self.adapters, adapter, cfg,
+                                lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid),
+                                all_ranks=shards.all_true if shards is not None else None)
         self.finetune_queue.add(job)
         return job
 
+    def cancel_finetune(self, job: FinetuneJob, reason: str = "cancelled") -> None:
+        """Stop ``job`` now: it is marked failed with ``reason``, its in-flight sequence gives back its KV blocks
+        and activations, and the queue forgets it (its adapter stays resident with the last published version)."""
+        q = self.finetune_queue
+        if not job.finished:
+            job.fail(reason)
+        for sid in [sid for sid in q.sequences if sid.rsplit("/", 1)[0] == job.job_id]:
+            self.kv.free(sid)
+            del q.sequences[sid]
+        if job in q.jobs:
+            q.jobs.remove(job)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (ValueError if unknown); its slot is free for the next one."""
+        self.adapters.remove(name)
+
     def save_adapter(self, name: str, directory: str) -> None:
-        """Write adapter ``name`` in PEFT format (loads with ``peft.PeftModel.from_pretrained``)."""
+        """Write adapter ``name`` in PEFT format, with its own rank, alpha and targets (loads with
+        ``peft.PeftModel.from_pretrained``)."""
         if self.compiled.lora is None:
             raise ValueError("this engine was compiled without LoRA: there is no adapter to save")
-        save_peft_adapter(directory, self.adapters.whole_weights(name), "default", self.compiled.lora.to_peft())
+        save_peft_adapter(directory, self.adapters.whole_own_weights(name), "default",
+                          self.adapters.get(name).shape.to_peft())
 
     def has_work(self) -> bool:
         """Requests unfinished, or finetuning left that the policy will run."""
