@@ -168,7 +168,7 @@ class AdapterRegistry:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
         if self.spec is None:
             raise ValueError("this engine was compiled without LoRA (lora=None); adapters need an engine built "
-                             "with lora=LoraSpec(r=..., targets=...) matching them")
+                             "with max_lora_rank=R (any adapter of rank <= R) or lora=LoraSpec(r=..., targets=...)")
         if capacity and name not in self.adapters and len(self.adapters) >= self.max_adapters:
             raise ValueError(f"cannot load adapter {name!r}: {len(self.adapters)} adapters are resident and "
                              f"max_adapters={self.max_adapters}; remove one first")

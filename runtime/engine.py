@@ -434,7 +434,8 @@ class Engine:
         from flexc.runtime.dataset import load_jsonl
         from flexc.runtime.sequence import FinetuneSequence, make_layouts
         if self.compiled.lora is None:
-            raise ValueError("this engine was compiled without LoRA; pass lora=... to Engine.from_pretrained")
+            raise ValueError("this engine was compiled without LoRA; pass max_lora_rank=R or lora=... to "
+                             "Engine.from_pretrained")
         cfg = FinetuneConfig(optimizer=optimizer, lr=lr, steps=steps, epochs=epochs, grad_accum=grad_accum, seed=seed,
                              checkpoint_dir=checkpoint_dir, **options)
         data = load_jsonl(dataset, self.tokenizer, self.max_model_len) if isinstance(dataset, str) else list(dataset)

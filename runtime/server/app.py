@@ -66,6 +66,9 @@ def create_app(settings: "ServerSettings", worker: EngineWorker, metrics: Server
             on_ready()
         yield
         jobs.close()
+        # NOTE: here, not after uvicorn returns: it re-raises SIGTERM/SIGINT once it has shut down, and a
+        # tensor-parallel group must get its STOP before this process goes
+        await run_in_threadpool(worker.stop)
 
     app = FastAPI(title="flexc", summary="OpenAI-compatible inference and fine-tuning on one engine",
                   lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -291,4 +294,4 @@ def serve(settings: "ServerSettings", launch: Callable[[Callable[["Engine"], Non
     try:
         server.run()
     finally:
-        worker.stop()
+        worker.stop()                      # (a no-op when the application's shutdown already stopped it)

@@ -203,6 +203,10 @@ class JobManager:
                                  self._internal[job_id]["adapter_path"], self._internal[job_id].get("version", 0),
                                  False)
             elif rec["status"] not in TERMINAL:
+                ckpts = list(self.store.checkpoints(job_id))
+                if rec["fine_tuned_model"] and ckpts:      # NOTE: serves its last checkpoint until it runs again
+                    self.worker.call(self.worker.catalog.add_job_model, rec["fine_tuned_model"], ckpts[-1][1],
+                                     ckpts[-1][0], False)
                 self._event(job_id, "The server restarted; the job continues from its last checkpoint.")
                 self._set_status(job_id, "validating_files")
                 self._validator.submit(self._validate, job_id)

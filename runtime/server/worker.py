@@ -152,9 +152,11 @@ class EngineWorker:
             raise self._error
 
     def stop(self) -> None:
+        """Leave the loop after the current iteration (at tp > 1 the other ranks are sent STOP); idempotent."""
         self._stopping.set()
         self._calls.put((lambda: None, (), concurrent.futures.Future()))
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run ``fn(*args, **kwargs)`` in the worker thread between two iterations; its result or exception."""
