@@ -14,7 +14,7 @@ import dataclasses
 
 import sympy
 
-from flexc.ir.capture import TOKEN_SYMBOL
+from flexc.ir.vocab import TOKEN_SYMBOL
 from flexc.ir.graph import NODE_INFO, Role
 
 

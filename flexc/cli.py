@@ -41,7 +41,8 @@ def _size(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from flexc.models import DEFAULT_MODEL, LORA_TARGETS, PRESETS
+    from flexc.ir.spec import LORA_TARGETS
+    from flexc.models import DEFAULT_MODEL, PRESETS
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"preset ({', '.join(PRESETS)}), HF model directory, config.json, or {DEFAULT_MODEL} (default)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
@@ -94,7 +95,7 @@ def _ranges(ids: Sequence[int]) -> str:
 
 def main_compile(args: argparse.Namespace) -> int:
     import flexc
-    from flexc.models import LoraSpec
+    from flexc.ir.spec import LoraSpec
     lora = None if args.no_lora else LoraSpec(r=args.lora_r, alpha=args.lora_alpha,
                                               targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
     if args.tp < 1:

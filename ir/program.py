@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from flexc.ir.capture import InputRef, OutputRef
+from flexc.ir.vocab import InputRef, OutputRef
 
 __all__ = ["RegionProgram"]
 

@@ -20,11 +20,18 @@ from torch import nn
 
 from flexc.kernels.cross_entropy import default_chunk
 
-__all__ = ["EmbedRegion", "LayerRegion", "HeadRegion", "LogitsRegion", "causal_lm_parts", "layer_signature",
-           "TOKEN_INPUTS"]
+__all__ = ["EmbedRegion", "LayerRegion", "HeadRegion", "LogitsRegion", "causal_lm_parts", "layer_prefixes",
+           "layer_signature", "TOKEN_INPUTS"]
 
 TOKEN_INPUTS = {"embed": (0, 1), "layer": (0, 1, 2), "head": (0, 1), "logits": (0,)}
 """Per region kind, the user inputs whose dim 0 is the token count T."""
+
+
+def layer_prefixes(model: nn.Module) -> list[str]:
+    """Name of every decoder layer's module in ``model.named_modules()`` (the prefix of its parameters' names),
+    in layer order: ``base_model.model.model.layers.0`` for a PEFT model."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(layer)] for layer in causal_lm_parts(model).model.layers]
 
 
 def causal_lm_parts(model: nn.Module) -> nn.Module:

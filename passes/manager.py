@@ -27,13 +27,15 @@ import time
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from flexc.ir.artifact import PassRecord
+
 if TYPE_CHECKING:
     from flexc.ir.graph import CompiledGraph
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PassContext", "PassRecord", "PassError", "PassManager", "register_pass", "resolve_pass",
-           "registered_passes", "report_to_dict", "ENTRY_POINT_GROUP"]
+__all__ = ["PassContext", "PassError", "PassManager", "register_pass", "resolve_pass", "registered_passes",
+           "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "flexc.passes"
 PassFn = Callable[["CompiledGraph", "PassContext"], Any]
@@ -48,18 +50,6 @@ class PassContext:
     """Compile options (seq_len, dtype, activation_budget, device_memory, tp, ...)."""
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Report of each pass that already ran, by pass name."""
-
-
-@dataclasses.dataclass(kw_only=True)
-class PassRecord:
-    """One pass run: name, wall time and report."""
-
-    name: str
-    seconds: float
-    report: Any
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "seconds": round(self.seconds, 4), "report": report_to_dict(self.report)}
 
 
 class PassError(RuntimeError):
@@ -114,21 +104,6 @@ def resolve_pass(spec: str) -> tuple[str, PassFn]:
     known = ", ".join(registered_passes()) or "none"
     raise ValueError(f"unknown pass {spec!r}: not registered ({known}), not 'module:function', "
                      f"and no entry point in group {ENTRY_POINT_GROUP!r}")
-
-
-def report_to_dict(report: Any) -> Any:
-    """Make a report JSON-friendly: dataclasses -> dicts, sympy/other objects -> str."""
-    if dataclasses.is_dataclass(report) and not isinstance(report, type):
-        if hasattr(report, "to_dict"):
-            return report_to_dict(report.to_dict())
-        return {f.name: report_to_dict(getattr(report, f.name)) for f in dataclasses.fields(report)}
-    if isinstance(report, dict):
-        return {str(k): report_to_dict(v) for k, v in report.items()}
-    if isinstance(report, (list, tuple)):
-        return [report_to_dict(v) for v in report]
-    if report is None or isinstance(report, (bool, int, float, str)):
-        return report
-    return str(report)
 
 
 class PassManager:

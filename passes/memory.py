@@ -12,40 +12,29 @@ What it reports (``plan.json`` under ``memory``):
   fp32 moments), base weights and, given ``device_memory``, how many KV-cache
   tokens are left for inference next to one finetuning sequence.
 
-Measured, not only predicted: :func:`measure_saved_bytes` runs region graphs on
-real tensors and counts the storages they hold for the backward, and
-:func:`measure_autograd_bytes` counts what autograd holds for the eager HF+PEFT
-model through ``torch.autograd.graph.saved_tensors_hooks``. Invariant
+The predictions are checked against real tensors by :mod:`flexc.runtime.measure`
 (tests/passes/test_memory.py): predictions equal measurements within 2%.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional
 
 import sympy
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from flexc.ir.capture import TOKEN_SYMBOL, is_sym_node
+from flexc.ir.graph import storage_root, value_bytes
+from flexc.ir.spec import KVCacheSpec, parse_dtype
+from flexc.ir.vocab import TOKEN_SYMBOL, evaluate_at, is_sym_node
 from flexc.ir.graph import CompiledGraph
-from flexc.ir.program import RegionProgram
-from flexc.ir.regions import TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion, causal_lm_parts
 from flexc.passes.manager import PassContext, register_pass
-from flexc.passes.prune import STRATEGIES, PruneReport, RegionPlan, evaluate, storage_root
-
-if TYPE_CHECKING:
-    from torch import nn
+from flexc.passes.prune import STRATEGIES, PruneReport, RegionPlan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["memory", "MemoryReport", "StrategyMemory", "RegionMemory", "model_saved_bytes", "liveness_peak",
-           "measure_saved_bytes", "measure_autograd_bytes", "Measured"]
-
-_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
+__all__ = ["memory", "MemoryReport", "StrategyMemory", "RegionMemory", "model_saved_bytes", "liveness_peak"]
 
 @dataclasses.dataclass(kw_only=True)
 class StrategyMemory:
@@ -173,14 +162,9 @@ def liveness_peak(gm: fx.GraphModule, nbytes: Any) -> tuple[sympy.Expr, int, int
 
 
 def _sizer(region: Any, seq_len: int):
-    cap = region.captured
-
     def nbytes(n: fx.Node) -> tuple[sympy.Expr, int]:
-        v = n.meta["val"]
-        e = sympy.Integer(v.element_size())
-        for d in v.shape:
-            e *= cap.to_token_expr(d)
-        return e, int(evaluate(e, seq_len))
+        e = value_bytes(n, region.captured)
+        return e, int(evaluate_at(e, seq_len))
     return nbytes
 
 
@@ -191,15 +175,15 @@ def memory(graph: CompiledGraph, ctx: PassContext) -> MemoryReport:
     seq_len = int(ctx.options.get("seq_len", prune.seq_len))
     plans = prune.regions          # empty without adapters: an inference-only plan (weights and KV cache)
     m = graph.model
-    dtype_bytes = _DTYPE_BYTES.get(m.get("dtype", "bf16"), 2)
+    dtype_bytes = parse_dtype(m.get("dtype", "bf16")).itemsize
 
     train = _model_flops(graph, plans, "pruned", "train_flops")
-    train_at = evaluate(train, seq_len)
+    train_at = evaluate_at(train, seq_len)
     strategies: dict[str, StrategyMemory] = {}
     for s in STRATEGIES if plans else ():
         expr = model_saved_bytes(graph, plans, s)
-        act = int(evaluate(expr, seq_len))
-        rec = evaluate(_model_flops(graph, plans, s, "recompute_flops"), seq_len)
+        act = int(evaluate_at(expr, seq_len))
+        rec = evaluate_at(_model_flops(graph, plans, s, "recompute_flops"), seq_len)
         strategies[s] = StrategyMemory(activation_bytes=act, activation_bytes_per_token=act / seq_len,
                                        bytes_expr=str(expr), recompute_flops=int(rec),
                                        recompute_fraction=rec / train_at if train_at else 0.0,
@@ -221,7 +205,7 @@ def memory(graph: CompiledGraph, ctx: PassContext) -> MemoryReport:
                                      forward_peak=str(fe), backward_peak=str(be),
                                      forward_peak_bytes=fv, backward_peak_bytes=bv)
 
-    kv = 2 * m["num_layers"] * m["num_kv_heads"] * m["head_dim"] * dtype_bytes
+    kv = KVCacheSpec.of_model(m, m.get("dtype", "bf16")).bytes_per_token
     adapters = int(m.get("trainable_parameters", 0))
     adapter_bytes = adapters * 4               # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
     base_weights = (int(m.get("parameters", 0)) - adapters) * dtype_bytes
@@ -250,91 +234,3 @@ def memory(graph: CompiledGraph, ctx: PassContext) -> MemoryReport:
                         adapter_grad_bytes=adapters * 4, optimizer_bytes=adapters * 8,
                         base_weight_bytes=base_weights, transient_peak_bytes=transient, device_memory=device,
                         kv_tokens_for_inference=tokens, breakdown=breakdown)
-
-
-# ---------------------------------------------------------------------------------------------- measurements
-@dataclasses.dataclass(kw_only=True)
-class Measured:
-    """What running graphs on real tensors held for the backward, and what the backward gave."""
-
-    saved_bytes: int
-    """Distinct storages kept between forward and backward (parameters excluded)."""
-    loss_sum: torch.Tensor
-    grads: dict[str, torch.Tensor]
-    """Adapter gradients of the mean loss, by the model's parameter name."""
-
-
-def _distinct_bytes(tensors: Sequence[Any], exclude: set[int]) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            if st.data_ptr() not in exclude:
-                seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
-def measure_saved_bytes(graph: CompiledGraph, graphs: dict[str, tuple[fx.GraphModule, fx.GraphModule]],
-                        model: "nn.Module", batch: Sequence[torch.Tensor]) -> Measured:
-    """Run embed, every layer and the head with ``graphs`` (region name -> (fw, bw); others: installed) on
-    ``batch = (ids[T], pos[T], cu_seqlens[N+1], labels[T])``, count the storages the forward graphs return
-    for the backward (deduplicated, weights excluded), then run the backward.
-    """
-    ids, pos, cu, labels = batch
-    lm = causal_lm_parts(model)
-    layers = list(lm.model.layers)
-    progs = {}
-    for name, r in graph.regions.items():
-        kind = name.split(".")[0]
-        if kind != "logits":
-            fw, bw = graphs.get(name, (r.fw, r.bw))
-            progs[name] = RegionProgram(fw, bw, TOKEN_INPUTS[kind])
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    (h, cos, sin), _ = progs["embed"].forward(EmbedRegion(lm), (ids, pos))
-    saved = []
-    for i, layer in enumerate(layers):
-        (h,), s = progs[graph.layer_regions[i]].forward(LayerRegion(layer), (h, cos, sin, cu))
-        saved.append(s)
-    head = HeadRegion(lm)
-    (loss_sum,), head_saved = progs["head"].forward(head, (h, labels))
-    held = _distinct_bytes([t for s in saved for t in s] + list(head_saved), params)
-
-    prefix = {id(m): n for n, m in model.named_modules()}
-    n_tok = max(int((labels != -100).sum()), 1)
-    g = progs["head"].backward(head_saved, [torch.tensor(1.0 / n_tok, dtype=loss_sum.dtype)])
-    dh = g.pop("input0")
-    grads: dict[str, torch.Tensor] = {}
-    for i in reversed(range(len(layers))):
-        g = progs[graph.layer_regions[i]].backward(saved[i], [dh])
-        saved[i] = None
-        dh = g.pop("input0")
-        for k, v in g.items():
-            if not k.startswith("input"):
-                grads[f"{prefix[id(layers[i])]}.{k.removeprefix('layer.')}"] = v
-    return Measured(saved_bytes=held, loss_sum=loss_sum, grads=grads)
-
-
-def measure_autograd_bytes(model: "nn.Module", batch: Sequence[torch.Tensor]) -> Measured:
-    """What PyTorch autograd holds for the eager HF+PEFT model on a packed batch (saved-tensor hooks),
-    with the loss as HF computes it: summed cross-entropy of the fp32 logits. Runs the backward too.
-    """
-    ids, pos, cu, labels = batch
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    packed: list[torch.Tensor] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        packed.append(t)
-        return t
-
-    model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids[None], position_ids=pos[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                    max_length_q=int((cu[1:] - cu[:-1]).max()), max_length_k=int((cu[1:] - cu[:-1]).max()))
-        loss_sum = F.cross_entropy(out.logits[0].float(), labels, ignore_index=-100, reduction="sum")
-    held = _distinct_bytes(packed, params)
-    del out, packed
-    n_tok = max(int((labels != -100).sum()), 1)
-    (loss_sum / n_tok).backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return Measured(saved_bytes=held, loss_sum=loss_sum.detach(), grads=grads)

@@ -48,7 +48,7 @@ import torch
 import torch.fx as fx
 
 import flexc.kernels.lora  # noqa: F401  (registers flexc::lora)
-from flexc.ir.capture import InputRef
+from flexc.ir.vocab import InputRef
 
 logger = logging.getLogger(__name__)
 

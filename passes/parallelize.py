@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Optional
 import sympy
 import torch.fx as fx
 
-from flexc.ir.capture import TOKEN_SYMBOL
+from flexc.ir.vocab import evaluate_at
 from flexc.ir.graph import NODE_INFO
 from flexc.ir.parallel import Placement, Propagation, Replicate, Shard, propagate
 from flexc.ir.sharded import collective_nodes, make_sharded_graph
@@ -306,12 +306,6 @@ def _adapter_pred(region: "RegionGraph", proj: str):
     return pred
 
 
-def _num(expr: sympy.Expr, tokens: int) -> float:
-    """Value at T=tokens (any other symbol, e.g. a sequence count, taken as 1)."""
-    expr = sympy.sympify(expr)
-    return float(expr.subs({s: tokens if s == TOKEN_SYMBOL else 1 for s in expr.free_symbols}))
-
-
 def _adapter_memory(region: "RegionGraph", proj: str, choice: AdapterChoice, tp: int) -> int:
     """Per-rank bytes of the adapter's weights, fp32 gradient and two AdamW states."""
     total = 0
@@ -364,16 +358,16 @@ def parallelize(graph: "CompiledGraph", ctx: "PassContext") -> ParallelizeReport
             "forward_collectives": len(collective_nodes(fw)),
             "backward_collectives": len(collective_nodes(bw)) if bw is not None else 0,
             "comm_bytes": str(sympy.simplify(ev.comm())),
-            "comm_bytes_per_token": round(_num(ev.comm(), tokens) / tokens, 3),
-            "naive_comm_bytes_per_token": round(_num(naive.comm(), tokens) / tokens, 3),
+            "comm_bytes_per_token": round(evaluate_at(ev.comm(), tokens) / tokens, 3),
+            "naive_comm_bytes_per_token": round(evaluate_at(naive.comm(), tokens) / tokens, 3),
         }
         total["dependent"] += ev.comm() * n_layers
         total["naive"] += naive.comm() * n_layers
     adapters_dep = sum(a["comm_bytes_per_token"] * a["layers"] for a in report.adapters)
     adapters_naive = sum(a["naive_comm_bytes_per_token"] * a["layers"] for a in report.adapters)
     report.totals = {
-        "comm_bytes_per_token": round(_num(total["dependent"], tokens) / tokens, 3),
-        "naive_comm_bytes_per_token": round(_num(total["naive"], tokens) / tokens, 3),
+        "comm_bytes_per_token": round(evaluate_at(total["dependent"], tokens) / tokens, 3),
+        "naive_comm_bytes_per_token": round(evaluate_at(total["naive"], tokens) / tokens, 3),
         "adapter_comm_bytes_per_token": round(adapters_dep, 3),
         "naive_adapter_comm_bytes_per_token": round(adapters_naive, 3),
     }
@@ -398,8 +392,8 @@ class _CostModel:
     """T at which the sympy costs are compared (options['tokens'], default seq_len)."""
 
     def seconds(self, ev: "_Eval") -> float:
-        return (ev.num_blocking() * self.collective_latency + _num(ev.comm(), self.tokens) / self.link_bandwidth
-                + _num(ev.flops(), self.tokens) / self.peak_flops)
+        return (ev.num_blocking() * self.collective_latency + evaluate_at(ev.comm(), self.tokens) / self.link_bandwidth
+                + evaluate_at(ev.flops(), self.tokens) / self.peak_flops)
 
 
 _SPLIT_SIZES = ("num_heads", "num_kv_heads", "intermediate_size")
@@ -441,7 +435,7 @@ def _choose(region: "RegionGraph", plan: dict[str, str], tp: int, cost: "_CostMo
 
     naive = run({})
     preds = {proj: _adapter_pred(region, proj) for proj in adapters}
-    limits = {proj: _num(naive.comm(preds[proj]), tokens) * (1 + 1e-9) for proj in adapters}
+    limits = {proj: evaluate_at(naive.comm(preds[proj]), tokens) * (1 + 1e-9) for proj in adapters}
     # NOTE: start from adapters that reuse the base's layout (replicated weights used as local slices, lazy
     # reductions), not from the naive plan: a naive neighbour's gathers would make any choice look free
     choices = {proj: _START for proj in adapters}
@@ -453,7 +447,7 @@ def _choose(region: "RegionGraph", plan: dict[str, str], tp: int, cost: "_CostMo
             best = None
             for cand in _CANDIDATES:
                 ev = run({**choices, proj: cand})
-                if _num(ev.comm(preds[proj]), tokens) > limits[proj]:
+                if evaluate_at(ev.comm(preds[proj]), tokens) > limits[proj]:
                     continue
                 key = (round(cost.seconds(ev), 12), _adapter_memory(region, proj, cand, tp))
                 if best is None or key < best[0]:
@@ -470,9 +464,9 @@ def _choose(region: "RegionGraph", plan: dict[str, str], tp: int, cost: "_CostMo
             "region": region.name, "layers": n_layers, "module": proj, "base": _style(plan, proj),
             "choice": choices[proj].to_dict(),
             "comm_bytes": str(sympy.simplify(dep)),
-            "comm_bytes_per_token": round(_num(dep, tokens) / tokens, 3),
+            "comm_bytes_per_token": round(evaluate_at(dep, tokens) / tokens, 3),
             "naive_comm_bytes": str(sympy.simplify(nv)),
-            "naive_comm_bytes_per_token": round(_num(nv, tokens) / tokens, 3),
+            "naive_comm_bytes_per_token": round(evaluate_at(nv, tokens) / tokens, 3),
         })
     return choices
 

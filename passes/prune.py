@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import operator
 import re
 from typing import Any, Optional
 
@@ -48,14 +47,16 @@ import sympy
 import torch
 import torch.fx as fx
 
-from flexc.ir.capture import TOKEN_SYMBOL, CapturedRegion, InputRef, is_sym_node, partition_joint
-from flexc.ir.graph import DECISION, VIEW_OPS, CompiledGraph, Decision, RegionGraph, annotate, node_flops
+from flexc.ir.capture import partition_joint
+from flexc.ir.vocab import TOKEN_SYMBOL, CapturedRegion, evaluate_at, is_sym_node
+from flexc.ir.graph import (DECISION, CompiledGraph, Decision, RegionGraph, annotate, node_flops, storage_root,
+                            value_bytes)
 from flexc.passes.manager import PassContext, register_pass
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["prune", "PruneReport", "RegionPlan", "SavedValue", "STRATEGIES", "DEFAULT_RECOMPUTE_FRACTION",
-           "JointAnalysis", "partition_region", "parse_budget", "evaluate", "storage_root"]
+           "JointAnalysis", "partition_region", "parse_budget"]
 
 STRATEGIES = ("autograd", "checkpoint", "pruned", "pruned_remat")
 DEFAULT_RECOMPUTE_FRACTION = 0.2
@@ -108,7 +109,7 @@ class RegionPlan:
 
     def to_dict(self, seq_len: int) -> dict:
         def ev(e):
-            return evaluate(e, seq_len)
+            return evaluate_at(e, seq_len)
         return {
             "strategy": self.strategy,
             "saved_bytes": str(self.saved_bytes), "saved_bytes_per_token": ev(self.saved_bytes) / seq_len,
@@ -153,13 +154,6 @@ def _dim(d: Any) -> str:
     return str(e.xreplace({s: sympy.Symbol("N+1") for s in e.free_symbols if s != TOKEN_SYMBOL}))
 
 
-def evaluate(expr: Any, seq_len: int) -> float:
-    """Value of a sympy expression at T = seq_len (other symbols, e.g. the sequence count + 1, set to 2)."""
-    e = sympy.sympify(expr)
-    subs = {s: (seq_len if s == TOKEN_SYMBOL else 2) for s in e.free_symbols}
-    return float(e.xreplace(subs))
-
-
 def parse_budget(value: Any) -> tuple[str, Optional[float]]:
     """``None``/'auto' -> ('auto', None); 'max'/'min'; bytes per token (int, float or '64KiB') -> ('bytes', n)."""
     if value is None or value == "auto":
@@ -185,25 +179,6 @@ def parse_budget(value: Any) -> tuple[str, Optional[float]]:
 def _tensor_val(n: fx.Node) -> Optional[torch.Tensor]:
     v = n.meta.get("val")
     return v if isinstance(v, torch.Tensor) else None
-
-
-def _is_getitem(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target is operator.getitem
-
-
-def storage_root(n: fx.Node) -> fx.Node:
-    """The node owning ``n``'s storage: walk views and detach; an output of a multi-output op owns its own."""
-    while n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node):
-        if _is_getitem(n):
-            src = n.args[0]
-            if str(src.target) not in VIEW_OPS:        # getitem of (out, lse): its own storage
-                return n
-            n = src
-        elif str(n.target) in VIEW_OPS:
-            n = n.args[0]
-        else:
-            return n
-    return n
 
 
 def _freeze(x: Any) -> Any:
@@ -278,13 +253,7 @@ class JointAnalysis:
     # ---- sizes
     def nbytes(self, n: fx.Node) -> sympy.Expr:
         if n not in self._bytes:
-            v = _tensor_val(n)
-            e = sympy.Integer(0)
-            if v is not None:
-                e = sympy.Integer(v.element_size())
-                for d in v.shape:
-                    e *= self.captured.to_token_expr(d)
-            self._bytes[n] = e
+            self._bytes[n] = value_bytes(n, self.captured)
         return self._bytes[n]
 
     def flops(self, n: fx.Node) -> sympy.Expr:
@@ -433,7 +402,7 @@ class JointAnalysis:
             val = n.meta.get("val")
             if isinstance(val, torch.Tensor):
                 root = storage_root(n)
-                save = 0.0 if self.storage_kind(root) == "param" else evaluate(self.nbytes(root), self.seq_len)
+                save = 0.0 if self.storage_kind(root) == "param" else evaluate_at(self.nbytes(root), self.seq_len)
                 net.add_edge((n, "in"), (n, "out"), capacity=save)
             else:
                 net.add_edge((n, "in"), (n, "out"))          # a tuple of outputs cannot be saved as such
@@ -441,7 +410,7 @@ class JointAnalysis:
                 net.add_edge("src", (n, "in"))
             else:
                 # NOTE: ties (every K=hidden matmul has the same bytes per FLOP) are broken towards earlier nodes
-                cost = evaluate(self.flops(n), self.seq_len) * (1 + 0.05 * self.order[n] / size)
+                cost = evaluate_at(self.flops(n), self.seq_len) * (1 + 0.05 * self.order[n] / size)
                 if cost > 0:                 # zero-FLOP ops (views) are free to recompute: no source edge
                     costs[n] = cost
                     net.add_edge("src", (n, "in"), capacity=0.0)
@@ -489,17 +458,17 @@ def _remat(an: JointAnalysis, need: set[fx.Node], budget: tuple[str, Optional[fl
         points.append((price, plan, kept))
         return plan
 
-    train = evaluate(an.train_flops(need), an.seq_len)
+    train = evaluate_at(an.train_flops(need), an.seq_len)
 
     def ok(plan: RegionPlan) -> bool:
         if mode == "bytes":
-            return evaluate(plan.saved_bytes, an.seq_len) / an.seq_len <= limit
-        return evaluate(plan.recompute_flops, an.seq_len) <= fraction * train
+            return evaluate_at(plan.saved_bytes, an.seq_len) / an.seq_len <= limit
+        return evaluate_at(plan.recompute_flops, an.seq_len) <= fraction * train
 
     # bisection on log(price): a higher price recomputes less (nested min cuts); find the edge of `ok`
     lo, hi = math.log(1e-9), math.log(1e3)
     if mode == "bytes" and not ok(at(math.exp(lo))):
-        best = min(points, key=lambda p: evaluate(p[1].saved_bytes, an.seq_len))
+        best = min(points, key=lambda p: evaluate_at(p[1].saved_bytes, an.seq_len))
         best[1].price = None
         return best[1], best[2]
     # NOTE: the tolerance must resolve the tie-breaking spread of equal-ratio nodes (see _build_net)
@@ -512,9 +481,9 @@ def _remat(an: JointAnalysis, need: set[fx.Node], budget: tuple[str, Optional[fl
             hi = mid
     good = [p for p in points if ok(p[1])] or [max(points, key=lambda p: p[0])]
     if mode == "bytes":
-        price, plan, kept = min(good, key=lambda p: (evaluate(p[1].recompute_flops, an.seq_len), -p[0]))
+        price, plan, kept = min(good, key=lambda p: (evaluate_at(p[1].recompute_flops, an.seq_len), -p[0]))
     else:
-        price, plan, kept = min(good, key=lambda p: (evaluate(p[1].saved_bytes, an.seq_len), -p[0]))
+        price, plan, kept = min(good, key=lambda p: (evaluate_at(p[1].saved_bytes, an.seq_len), -p[0]))
     return plan, kept
 
 
@@ -597,14 +566,14 @@ def prune(graph: CompiledGraph, ctx: PassContext) -> PruneReport:
             if strategy == install:
                 chosen = (an, kept, plan)
         an, kept, plan = chosen
-        if budget[0] == "bytes" and evaluate(plan.saved_bytes, seq_len) / seq_len > budget[1]:
+        if budget[0] == "bytes" and evaluate_at(plan.saved_bytes, seq_len) / seq_len > budget[1]:
             met = False
         fw, bw = _partition(an, kept, set(plan.recomputed))
         region.captured.fw, region.captured.bw = fw, bw
         annotate(region)
         logger.info("prune %s: %s saves %.0f B/token (autograd %.0f), recomputes %d nodes", name, install,
-                    evaluate(plan.saved_bytes, seq_len) / seq_len,
-                    evaluate(plans[name]["autograd"].saved_bytes, seq_len) / seq_len, len(plan.recomputed))
+                    evaluate_at(plan.saved_bytes, seq_len) / seq_len,
+                    evaluate_at(plans[name]["autograd"].saved_bytes, seq_len) / seq_len, len(plan.recomputed))
     budget_text = str(ctx.options.get("activation_budget") or "auto")
     return PruneReport(modified=bool(plans), budget=budget_text, recompute_budget=fraction, seq_len=seq_len,
                        installed=install, budget_met=met, regions=plans)

@@ -31,7 +31,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from flexc.ir.capture import TOKEN_SYMBOL, CapturedRegion, InputRef
+from flexc.ir.vocab import TOKEN_SYMBOL, CapturedRegion, InputRef
 from flexc.ir.graph import NODE_INFO
 from flexc.ir.program import RegionProgram
 

@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from flexc.models import LoraSpec
-    from flexc.runtime.distributed import ShardPlan
+    from flexc.ir.spec import LoraSpec
+    from flexc.runtime.sharding import ShardPlan
 
 logger = logging.getLogger(__name__)
 

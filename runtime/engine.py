@@ -6,14 +6,16 @@ applies the sampled tokens. :meth:`Engine.generate` is that loop until the
 given prompts finish; :meth:`Engine.submit` / :meth:`Engine.step` /
 :meth:`Engine.stream` are the streaming API an HTTP server sits on.
 
-    engine = flexc.Engine.from_pretrained("smollm2-135m", lora=flexc.LoraSpec(r=8), max_adapters=4)
+    engine = flexc.Engine.from_pretrained("smollm2-135m", lora=flexc.LoraSpec(r=8), max_adapters=4)   # flexc/engine.py
     engine.load_adapter("math", "/path/to/peft_adapter_dir")
     out = engine.generate(["What is 2+2?", [1, 504, 33]], max_new_tokens=32, adapter="math")
     out[0].text, out[0].token_ids, out[0].ttft, out[0].tpot
 
 Greedy at temperature 0 gives the tokens of transformers ``generate(do_sample=False)``.
-On a tensor-parallel group the same engine runs on every rank (``from_pretrained(..., dims=...)``, launched
-by :func:`flexc.runtime.tp_engine.run_tp`): rank 0 drives it, the others mirror it.
+The engine itself takes a compiled model and the model with its weights; the front door
+(``flexc.Engine.from_pretrained``) compiles and loads them from a model name. On a tensor-parallel group
+the same engine runs on every rank (:class:`~flexc.runtime.tp_engine.TPEngine`, launched by
+:func:`flexc.runtime.tp_engine.run_tp`): rank 0 drives it, the others mirror it.
 A bad request (empty prompt, prompt not shorter than the context, unknown
 adapter, max_new_tokens <= 0, ...) raises ``ValueError`` from ``submit``; in
 ``generate`` it gets a result with ``error`` set while the others complete.
@@ -32,18 +34,21 @@ from torch import nn
 from flexc.runtime.adapter_training import OwnCoordinatesJob
 from flexc.runtime.adapters import AdapterRegistry
 from flexc.runtime.batch import ExecutorOutput, SamplingParams, SchedulerOutput, SeqKind
-from flexc.runtime.coserve import FinetuneQueue, InferenceOnlyPolicy, iteration_work, make_policy, profile_latency
-from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, save_peft_adapter
-from flexc.runtime.latency import LatencyModel
+from flexc.runtime.checkpoint import save_peft_adapter
+from flexc.runtime.dataset import load_jsonl
+from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, FinetuneQueue
+from flexc.runtime.latency import LatencyModel, iteration_work
+from flexc.runtime.policies import InferenceOnlyPolicy, make_policy
+from flexc.runtime.profiling import profile_latency
 from flexc.runtime.metrics import EngineMetrics, MetricsRecorder
 from flexc.runtime.executor import ATTENTION_MODES, Executor, make_kv_spec
 from flexc.runtime.kv_cache import KVCacheManager, make_num_blocks
 from flexc.runtime.regions import RegionRunner
 from flexc.runtime.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulingPolicy
+from flexc.runtime.sequence import FinetuneSequence, make_layouts
 
 if TYPE_CHECKING:
-    from flexc.compiler import CompiledModel
-    from flexc.runtime.distributed import ParallelDims
+    from flexc.ir.artifact import CompiledModel
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +155,12 @@ class Engine:
     """Continuous-batching inference over a compiled model with many resident LoRA adapters."""
 
     def __init__(self, compiled: "CompiledModel", model: nn.Module, *, tokenizer: Any = None,
-                 config: Optional[EngineConfig] = None, policy: Optional[SchedulingPolicy] = None,
+                 config: Optional[EngineConfig] = None, policy: Union[None, str, SchedulingPolicy] = None,
                  runner: Optional["RegionRunner"] = None):
-        """``runner`` runs the regions (default: the whole ``model`` in this process; a ``TPRegionRunner`` for
-        one rank of a tensor-parallel group, whose KV heads and adapter shards this engine then holds)."""
+        """``policy``: a scheduling policy or its name (``coserve``, ``temporal``, ``inference_only``,
+        ``finetune_only``); ``runner`` runs the regions (default: the whole ``model`` in this process; a
+        ``TPRegionRunner`` for one rank of a tensor-parallel group, whose KV heads and adapter shards this
+        engine then holds)."""
         self.config = config or EngineConfig()
         self.compiled = compiled
         self.model = model
@@ -187,55 +194,6 @@ class Engine:
             self.fit_latency_model()
         logger.info("engine ready: %d KV blocks of %d tokens (%.1f MiB), token budget %d", num_blocks,
                     kv_spec.block_size, num_blocks * kv_spec.bytes_per_block / 2**20, self.config.token_budget)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str = "smollm2-135m", *, lora: Any = None, max_adapters: int = 8,
-                        kv_cache_tokens: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
-                        dtype: str = "fp32", token_budget: int = 512, block_size: int = 16,
-                        attention: str = "auto", policy: Union[None, str, SchedulingPolicy] = None,
-                        tpot_slo: float = 0.2, ttft_slo: float = 5.0, latency_profile: Optional[str] = None,
-                        dims: Optional["ParallelDims"] = None, device: str = "auto",
-                        max_lora_rank: Optional[int] = None) -> "Engine":
-        """Compile ``name_or_path`` (see ``flexc.resolve_model``), load its weights and tokenizer.
-
-        ``lora``: None (base model only), True, a ``LoraSpec``, its dict or a ``peft.LoraConfig``: the adapter
-        structure every adapter served by this engine must fit (rank up to its r, targets a subset, any alpha).
-        ``max_lora_rank`` (instead of ``lora``): serve and finetune PEFT adapters of rank 1..max_lora_rank on any
-        of the seven projections (compiled as ``LoraSpec(r=max_lora_rank, alpha=max_lora_rank)``; each adapter's
-        own alpha and targets come from its config).
-        ``dims``: this process's rank in a tensor-parallel group (``run_tp`` passes it): compiled for
-        ``tp=dims.tp``, the result is a :class:`~flexc.runtime.tp_engine.TPEngine` holding this rank's shards.
-        ``device``: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``: where the
-        weights, the KV cache and the batches live.
-        """
-        # NOTE: lazy imports: flexc/ sits above runtime/ (flexc -> runtime), only this constructor reaches up
-        from flexc.compiler import compile as flexc_compile
-        from flexc.compiler import model_shape
-        from flexc.models import LoraSpec, load_model, load_tokenizer, resolve_model
-        from flexc.passes.parallelize import check_tp
-        where = resolve_device(device)
-        source = resolve_model(name_or_path)
-        spec = LoraSpec.coerce(lora)
-        if max_lora_rank is not None:
-            if not isinstance(max_lora_rank, int) or isinstance(max_lora_rank, bool) or max_lora_rank < 1:
-                raise ValueError(f"max_lora_rank must be a positive integer, got {max_lora_rank!r}")
-            if spec is not None and spec.r != max_lora_rank:
-                raise ValueError(f"max_lora_rank={max_lora_rank} disagrees with lora r={spec.r}; give one of them")
-            spec = spec or LoraSpec(r=max_lora_rank, alpha=max_lora_rank)
-        tp = dims.tp if dims is not None else 1
-        check_tp(model_shape(source), tp)
-        # NOTE: the training passes (memory plan) have nothing to plan for a base-only engine: skip them there
-        passes = None if spec is not None else ("parallelize",) if tp > 1 else ()
-        compiled = flexc_compile(source, lora=spec, dtype=dtype, builtin_passes=passes,
-                                 **({"tp": tp} if tp > 1 else {}))
-        model = load_model(source, spec, dtype).to(where)
-        config = EngineConfig(kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
-                              token_budget=token_budget, max_adapters=max_adapters, attention=attention,
-                              tpot_slo=tpot_slo, ttft_slo=ttft_slo, latency_profile=latency_profile)
-        if tp > 1:
-            from flexc.runtime.tp_engine import TPEngine
-            return TPEngine(compiled, model, dims, tokenizer=load_tokenizer(source), config=config, policy=policy)
-        return cls(compiled, model, tokenizer=load_tokenizer(source), config=config, policy=policy)
 
     @staticmethod
     def _eos_ids(model: nn.Module) -> frozenset:
@@ -384,7 +342,7 @@ class Engine:
                 logger.exception("finetuning job %s failed in its backward", job.job_id)
                 job.fail(f"{type(e).__name__}: {e}")
             if fs.done or job.finished:
-                q.sequences.pop(sid, None)
+                q.release(sid)
                 done += fs.length if fs.done else 0
         return done
 
@@ -431,11 +389,8 @@ class Engine:
         ``init_adapter``) on ``dataset`` (a JSONL path or a list of ``TrainingSequence``); its tokens ride in the
         co-serving iterations. Extra ``options`` go to :class:`FinetuneConfig` (schedule, warmup_steps,
         weight_decay, shuffle, checkpoint_every, max_nonfinite, ...)."""
-        from flexc.runtime.dataset import load_jsonl
-        from flexc.runtime.sequence import FinetuneSequence, make_layouts
         if self.compiled.lora is None:
-            raise ValueError("this engine was compiled without LoRA; pass max_lora_rank=R or lora=... to "
-                             "Engine.from_pretrained")
+            raise ValueError("this engine was compiled without LoRA; pass max_lora_rank= or lora= to from_pretrained")
         cfg = FinetuneConfig(optimizer=optimizer, lr=lr, steps=steps, epochs=epochs, grad_accum=grad_accum, seed=seed,
                              checkpoint_dir=checkpoint_dir, **options)
         data = load_jsonl(dataset, self.tokenizer, self.max_model_len) if isinstance(dataset, str) else list(dataset)
@@ -454,24 +409,18 @@ class Engine:
         return job
 
     def cancel_finetune(self, job: FinetuneJob, reason: str = "cancelled") -> None:
-        """Stop ``job`` now: it is marked failed with ``reason``, its in-flight sequence gives back its KV blocks
-        and activations, and the queue forgets it (its adapter stays resident with the last published version)."""
-        q = self.finetune_queue
+        """Stop ``job`` now (failed with ``reason``): its sequence frees its KV blocks, the queue forgets it."""
         if not job.finished:
             job.fail(reason)
-        for sid in [sid for sid in q.sequences if sid.rsplit("/", 1)[0] == job.job_id]:
+        for sid in self.finetune_queue.drop(job):
             self.kv.free(sid)
-            del q.sequences[sid]
-        if job in q.jobs:
-            q.jobs.remove(job)
 
     def unload_adapter(self, name: str) -> None:
         """Forget adapter ``name`` (ValueError if unknown); its slot is free for the next one."""
         self.adapters.remove(name)
 
     def save_adapter(self, name: str, directory: str) -> None:
-        """Write adapter ``name`` in PEFT format, with its own rank, alpha and targets (loads with
-        ``peft.PeftModel.from_pretrained``)."""
+        """Write adapter ``name`` as PEFT does: its own rank, alpha, targets (``peft.PeftModel.from_pretrained``)."""
         if self.compiled.lora is None:
             raise ValueError("this engine was compiled without LoRA: there is no adapter to save")
         save_peft_adapter(directory, self.adapters.whole_own_weights(name), "default",

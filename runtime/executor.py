@@ -57,8 +57,8 @@ from flexc.runtime.paged_attention import BatchedPagedContext, make_decode_group
 from flexc.runtime.regions import RegionRunner
 
 if TYPE_CHECKING:
-    from flexc.compiler import CompiledModel
-    from flexc.ir.capture import InputRef
+    from flexc.ir.artifact import CompiledModel
+    from flexc.ir.vocab import InputRef
     from flexc.ir.program import RegionProgram
     from flexc.runtime.adapters import AdapterRegistry
     from flexc.runtime.sequence import FinetuneSequence

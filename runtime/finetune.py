@@ -20,22 +20,21 @@ and is recorded; ``max_nonfinite`` in a row fail the job (inference continues).
 from __future__ import annotations
 
 import dataclasses
-import json
+import enum
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from flexc.runtime.checkpoint import Checkpoint, read_latest_checkpoint, write_checkpoint
 from flexc.runtime.sequence import FinetuneSequence, WindowResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FinetuneConfig", "FinetuneJob", "JobStatus", "save_peft_adapter"]
+__all__ = ["FinetuneConfig", "FinetuneJob", "FinetuneQueue", "JobStatus"]
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -87,24 +86,21 @@ class FinetuneConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
-class JobStatus:
+class JobStatus(str, enum.Enum):
+    """Where a finetuning job is in its life."""
+
     QUEUED = "queued"
+    """Waiting for the jobs before it."""
     RUNNING = "running"
+    """Its sequences are being trained."""
     COMPLETED = "completed"
+    """Every step taken (and the final checkpoint written)."""
     FAILED = "failed"
+    """Stopped by an error or too many non-finite steps in a row (``error`` says why)."""
 
-
-def save_peft_adapter(directory: str, params: dict[str, torch.Tensor], adapter_name: str, peft_config: Any) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as ``PeftModel.save_pretrained`` does.
-
-    ``params`` are named as in ``model.named_parameters()`` (``...lora_A.<adapter_name>.weight``).
-    """
-    from safetensors.torch import save_file
-    os.makedirs(directory, exist_ok=True)
-    tensors = {name.replace(f".{adapter_name}.", "."): t.detach().to("cpu").contiguous()
-               for name, t in params.items()}
-    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
-    peft_config.save_pretrained(directory)
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED)
 
 
 class FinetuneJob:
@@ -132,7 +128,7 @@ class FinetuneJob:
         if self.total_steps < 1:
             raise ValueError(f"job {job_id}: {len(self.data)} sequences with grad_accum {config.grad_accum} "
                              "make no optimizer step; lower grad_accum or raise epochs")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.status = JobStatus.QUEUED
         self.error: Optional[str] = None
         self.step = 0
@@ -146,8 +142,7 @@ class FinetuneJob:
         self._step_finite = True
         self.current: Optional[FinetuneSequence] = None
         self.tokens_trained = 0
-        self._started = None
-        self._elapsed = 0.0
+        self._started: Optional[float] = None
         if config.checkpoint_dir:
             self._maybe_resume()
 
@@ -164,7 +159,7 @@ class FinetuneJob:
 
     @property
     def finished(self) -> bool:
-        return self.status in (JobStatus.COMPLETED, JobStatus.FAILED)
+        return self.status.finished
 
     def next_sequence(self) -> Optional[FinetuneSequence]:
         """The sequence in flight, or a new one when the previous is done; None when the job has finished."""
@@ -213,7 +208,7 @@ class FinetuneJob:
             for name, m in self.master.items():
                 m.grad = self.grad_acc[name]
             self.optimizer.step()
-            self.scheduler.step()            # a skipped step does not advance the learning-rate schedule
+            self.lr_schedule.step()          # a skipped step does not advance the learning-rate schedule
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for name, p in self.params.items():      # publish the new version to inference
@@ -257,10 +252,10 @@ class FinetuneJob:
     def tokens_per_second(self) -> float:
         if self._started is None:
             return 0.0
-        return self.tokens_trained / max(time.perf_counter() - self._started + self._elapsed, 1e-9)
+        return self.tokens_trained / max(time.perf_counter() - self._started, 1e-9)
 
     def summary(self) -> dict:
-        return {"job_id": self.job_id, "adapter": self.adapter_name, "status": self.status, "step": self.step,
+        return {"job_id": self.job_id, "adapter": self.adapter_name, "status": self.status.value, "step": self.step,
                 "total_steps": self.total_steps, "loss": self.loss_history[-1] if self.loss_history else None,
                 "skipped_steps": list(self.skipped_steps), "tokens_per_second": round(self.tokens_per_second, 2),
                 "error": self.error}
@@ -285,59 +280,86 @@ class FinetuneJob:
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
-        """Write ``checkpoint_dir/step-N`` atomically and point ``latest`` at it; returns its path."""
-        root = self.config.checkpoint_dir
-        assert root is not None
-        os.makedirs(root, exist_ok=True)
-        final = os.path.join(root, f"step-{self.step:06d}")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if self.peft_config is not None:
-            save_peft_adapter(tmp, self.master, self.adapter_name, self.peft_config)
-        os.makedirs(tmp, exist_ok=True)
-        torch.save({"master": self.master, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict()}, os.path.join(tmp, "trainer.pt"))
-        state = {"step": self.step, "version": self.version, "position": self.position,
-                 "loss_history": self.loss_history, "skipped_steps": self.skipped_steps,
-                 "nonfinite_in_row": self._nonfinite_in_row, "tokens_trained": self.tokens_trained,
+        """Write ``checkpoint_dir/step-N`` (atomically; see :mod:`flexc.runtime.checkpoint`); returns its path."""
+        assert self.config.checkpoint_dir is not None
+        tensors = {"master": self.master, "optimizer": self.optimizer.state_dict(),
+                   "scheduler": self.lr_schedule.state_dict()}
+        state = {"version": self.version, "position": self.position, "loss_history": self.loss_history,
+                 "skipped_steps": self.skipped_steps, "nonfinite_in_row": self._nonfinite_in_row,
+                 "tokens_trained": self.tokens_trained,
                  "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "checkpoint_dir"}}
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest_tmp = os.path.join(root, "latest.tmp")
-        with open(latest_tmp, "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(latest_tmp, os.path.join(root, "latest"))
-        logger.info("job %s: checkpoint %s", self.job_id, final)
-        return final
+        adapter = (self.master, self.adapter_name, self.peft_config) if self.peft_config is not None else None
+        path = write_checkpoint(self.config.checkpoint_dir, Checkpoint(step=self.step, tensors=tensors, state=state),
+                                adapter)
+        logger.info("job %s: checkpoint %s", self.job_id, path)
+        return path
 
     def _maybe_resume(self) -> None:
-        root = self.config.checkpoint_dir
-        latest = os.path.join(root, "latest")
-        if not os.path.isfile(latest):
-            return
-        with open(latest) as f:
-            path = os.path.join(root, f.read().strip())
         try:
-            with open(os.path.join(path, "trainer_state.json")) as f:
-                state = json.load(f)
-            blob = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
-        except (OSError, json.JSONDecodeError, RuntimeError) as e:
-            raise ValueError(f"job {self.job_id}: cannot resume from {path}: {e}") from e
-        if set(blob["master"]) != set(self.master):
-            raise ValueError(f"job {self.job_id}: checkpoint {path} holds a different adapter")
+            ck = read_latest_checkpoint(self.config.checkpoint_dir)
+        except ValueError as e:
+            raise ValueError(f"job {self.job_id}: {e}") from e
+        if ck is None:
+            return
+        if set(ck.tensors["master"]) != set(self.master):
+            raise ValueError(f"job {self.job_id}: checkpoint {ck.path} holds a different adapter")
         with torch.no_grad():
             for n, m in self.master.items():
-                m.copy_(blob["master"][n])
+                m.copy_(ck.tensors["master"][n])
             for n, p in self.params.items():
                 p.copy_(self.master[n].to(p.dtype))
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
-        self.step, self.version, self.position = state["step"], state["version"], state["position"]
-        self.loss_history, self.skipped_steps = state["loss_history"], state["skipped_steps"]
-        self._nonfinite_in_row = state["nonfinite_in_row"]
-        self.tokens_trained = state["tokens_trained"]
-        logger.info("job %s: resumed from %s at step %d", self.job_id, path, self.step)
+        self.optimizer.load_state_dict(ck.tensors["optimizer"])
+        self.lr_schedule.load_state_dict(ck.tensors["scheduler"])
+        st = ck.state
+        self.step, self.version, self.position = ck.step, st["version"], st["position"]
+        self.loss_history, self.skipped_steps = st["loss_history"], st["skipped_steps"]
+        self._nonfinite_in_row = st["nonfinite_in_row"]
+        self.tokens_trained = st["tokens_trained"]
+        logger.info("job %s: resumed from %s at step %d", self.job_id, ck.path, self.step)
         if self.step >= self.total_steps:
             self.status = JobStatus.COMPLETED
+
+
+class FinetuneQueue:
+    """Finetuning jobs in submission order; the first unfinished one is active."""
+
+    def __init__(self) -> None:
+        self.jobs: list["FinetuneJob"] = []
+        self.sequences: dict[str, "FinetuneSequence"] = {}
+        """Sequences with work in flight, by id (what the executor records into)."""
+        self._job_of: dict[str, "FinetuneJob"] = {}
+
+    def add(self, job: "FinetuneJob") -> None:
+        self.jobs.append(job)
+
+    def active(self) -> Optional[tuple["FinetuneJob", "FinetuneSequence"]]:
+        """(job, its current sequence) of the first job with work left, or None."""
+        for job in self.jobs:
+            fs = job.next_sequence()
+            if fs is not None:
+                self.sequences[fs.seq_id] = fs
+                self._job_of[fs.seq_id] = job
+                return job, fs
+        return None
+
+    def job_of(self, seq_id: str) -> "FinetuneJob":
+        """The job a sequence handed out by :meth:`active` belongs to."""
+        return self._job_of[seq_id]
+
+    def release(self, seq_id: str) -> None:
+        """Forget a sequence whose work is done (or whose job stopped)."""
+        self.sequences.pop(seq_id, None)
+        self._job_of.pop(seq_id, None)
+
+    def drop(self, job: "FinetuneJob") -> list[str]:
+        """Forget ``job`` and its sequences in flight; their ids (the caller frees their KV blocks)."""
+        sids = [sid for sid, j in self._job_of.items() if j is job and sid in self.sequences]
+        for sid in sids:
+            self.release(sid)
+        if job in self.jobs:
+            self.jobs.remove(job)
+        return sids
+
+    @property
+    def has_work(self) -> bool:
+        return any(not j.finished for j in self.jobs)

@@ -17,40 +17,11 @@ import dataclasses
 import logging
 from typing import Iterable, Optional
 
-import torch
+from flexc.ir.spec import KVCacheSpec
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KVCacheSpec", "KVCacheBlocks", "FreeBlockQueue", "BlockPool", "KVCacheManager", "make_num_blocks"]
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class KVCacheSpec:
-    """Shape of the paged cache of one model."""
-
-    num_layers: int
-    """Decoder layers (each has its own K and V cache)."""
-    num_kv_heads: int
-    """Key/value heads per layer (GQA)."""
-    head_dim: int
-    """Elements per head."""
-    dtype: torch.dtype = torch.float32
-    """Element type of the cache (the model's dtype)."""
-    block_size: int = 16
-    """Tokens per block; a sequence wastes at most block_size - 1 slots."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
-
-    @property
-    def bytes_per_token(self) -> int:
-        """K and V of one token in every layer."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-
-    @property
-    def bytes_per_block(self) -> int:
-        return self.bytes_per_token * self.block_size
 
 
 def make_num_blocks(spec: KVCacheSpec, *, num_tokens: Optional[int] = None,

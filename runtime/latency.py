@@ -31,7 +31,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["IterationWork", "LatencyModel", "FEATURES"]
+from flexc.runtime.batch import SchedulerOutput, ScheduledSequence, SeqKind
+
+__all__ = ["IterationWork", "LatencyModel", "FEATURES", "iteration_work", "forward_work"]
 
 FEATURES = ("const", "decode_tokens", "prefill_tokens", "attention_pairs", "ft_forward_tokens",
             "ft_backward_layer_tokens", "ft_forward_passes", "ft_backward_layers")
@@ -187,3 +189,28 @@ class LatencyModel:
             return cls(int(d["num_layers"]), d["coef"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a flexc latency model ({e})") from e
+
+
+def iteration_work(batch: SchedulerOutput, num_layers: int, lengths: dict[str, int]) -> IterationWork:
+    """The latency model's description of a scheduled batch (``lengths``: finetuning sequence lengths)."""
+    bwd = sum(k * lengths.get(sid, 0) for sid, k in batch.finetune_backward.items())
+    return forward_work(batch.seqs) + IterationWork(ft_backward_layer_tokens=bwd,
+                                                  ft_backward_layers=sum(batch.finetune_backward.values()))
+
+
+def forward_work(seqs: list[ScheduledSequence]) -> IterationWork:
+    """The forward part: tokens by kind, attention pairs of every chunk, one pass per finetuning adapter."""
+    dec = pre = ft = pairs = 0
+    ft_adapters = set()
+    for s in seqs:
+        n = len(s.token_ids)
+        if s.kind is SeqKind.FINETUNE:
+            ft += n
+            ft_adapters.add(s.adapter_id)
+        elif s.kind is SeqKind.DECODE:
+            dec += n
+        else:
+            pre += n
+        pairs += n * (s.num_computed_tokens + n) if n > 1 else 0
+    return IterationWork(decode_tokens=dec, prefill_tokens=pre, attention_pairs=pairs, ft_forward_tokens=ft,
+                         ft_forward_passes=len(ft_adapters))

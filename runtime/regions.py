@@ -18,14 +18,26 @@ import torch
 from torch import nn
 
 from flexc.ir.program import RegionProgram
-from flexc.ir.regions import TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts
+from flexc.ir.regions import (TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts,
+                              layer_prefixes)
 
 if TYPE_CHECKING:
-    from flexc.compiler import CompiledModel
-    from flexc.runtime.distributed import ShardPlan
+    from flexc.ir.artifact import CompiledModel
+    from flexc.runtime.sharding import ShardPlan
 
-__all__ = ["RegionRunner", "TrainStepResult"]
+__all__ = ["RegionRunner", "TrainStepResult", "distinct_storage_bytes"]
 
+
+def distinct_storage_bytes(values: Sequence[Any], exclude: set[int] = frozenset()) -> int:
+    """Bytes of the distinct storages behind the tensors in ``values`` (storages whose pointer is in
+    ``exclude`` left out; non-tensors ignored): what holding these values costs."""
+    seen: dict[int, int] = {}
+    for t in values:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            if st.data_ptr() not in exclude:
+                seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
 
 
 @dataclasses.dataclass
@@ -38,6 +50,9 @@ class TrainStepResult:
     """Labelled tokens (labels != -100)."""
     grads: dict[str, torch.Tensor]
     """Gradients by the model's parameter name (as in ``model.named_parameters()``)."""
+    saved_bytes: int = 0
+    """Bytes the forward graphs kept for the backward: distinct storages, the model's parameters excluded
+    (what the memory plan predicts)."""
 
 
 class RegionRunner:
@@ -61,8 +76,7 @@ class RegionRunner:
                               else [LayerRegion(layer) for layer in self.layers])
         self.programs = programs if programs is not None else {
             name: RegionProgram(r.fw, r.bw, TOKEN_INPUTS[name.split(".")[0]]) for name, r in compiled.regions.items()}
-        prefix = {id(m): n for n, m in model.named_modules()}
-        self._layer_prefix = [prefix[id(layer)] for layer in self.layers]
+        self._layer_prefix = layer_prefixes(model)
         self.num_kv_heads: int = compiled.graph.model["num_kv_heads"]
         """KV heads the attention runs over (the tensor-parallel runner: this rank's)."""
         self.shards: Optional["ShardPlan"] = None
@@ -117,6 +131,8 @@ class RegionRunner:
         h, cos, sin = self.embed_forward(input_ids, position_ids)
         h, saved = self.layers_forward(h, cos, sin, cu_seqlens, keep_saved=True)
         (loss_sum,), head_saved = self.programs["head"].forward(self.head, (h, labels))
+        held = distinct_storage_bytes([t for s in saved for t in s] + list(head_saved),
+                                      exclude={p.untyped_storage().data_ptr() for p in self.model.parameters()})
         n = int((labels != -100).sum())
         scale = loss_scale if loss_scale is not None else 1.0 / max(n, 1)
         grads: dict[str, torch.Tensor] = {}
@@ -125,7 +141,7 @@ class RegionRunner:
             dh, g = self.layer_backward(i, saved[i], dh)
             saved[i] = None
             grads.update(g)
-        return TrainStepResult(loss_sum=loss_sum, num_tokens=n, grads=grads)
+        return TrainStepResult(loss_sum=loss_sum, num_tokens=n, grads=grads, saved_bytes=held)
 
     def head_backward(self, saved: list, loss_sum: torch.Tensor, scale: float) -> torch.Tensor:
         """The head's backward seeded with d(loss_sum * scale): the gradient of its input h."""

@@ -36,7 +36,7 @@ from flexc.runtime.batch import ExecutorOutput, SamplingParams, ScheduledSequenc
 from flexc.runtime.kv_cache import KVCacheManager
 
 if TYPE_CHECKING:
-    from flexc.runtime.coserve import FinetuneQueue
+    from flexc.runtime.finetune import FinetuneQueue
     from flexc.runtime.sequence import FinetuneSequence
 
 logger = logging.getLogger(__name__)

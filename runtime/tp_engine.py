@@ -5,8 +5,8 @@ the KV cache of its KV heads, the adapter registry of its adapter shards). Rank 
 is the engine a user talks to: it schedules, samples, keeps the metrics and runs
 the finetuning jobs' bookkeeping, and before each thing that the other ranks
 must repeat (an iteration's batch, an adapter loaded or saved, a job started)
-broadcasts one :class:`~flexc.runtime.distributed.RankMessage` (the protocol
-table is in :mod:`flexc.runtime.distributed`). Ranks 1..tp-1 sit in
+broadcasts one :class:`~flexc.runtime.protocol.RankMessage` (the protocol
+table is in :mod:`flexc.runtime.protocol`). Ranks 1..tp-1 sit in
 :func:`run_worker`, applying the messages in order until ``STOP``.
 
 :func:`run_tp` starts the group and hands rank 0's engine to a function::
@@ -33,14 +33,16 @@ import torch.distributed as dist
 from torch import nn
 
 from flexc.runtime.batch import ExecutorOutput, SchedulerOutput, SeqKind
-from flexc.runtime.coserve import profile_latency
-from flexc.runtime.distributed import (Op, ParallelDims, RankMessage, TPRegionRunner, broadcast_message, init_tp,
-                                       start_workers)
+from flexc.runtime.dataset import load_jsonl
 from flexc.runtime.engine import Engine, EngineConfig
 from flexc.runtime.finetune import FinetuneJob
+from flexc.runtime.launch import ParallelDims, init_tp, start_workers
+from flexc.runtime.profiling import profile_latency
+from flexc.runtime.protocol import Op, RankMessage, broadcast_message
+from flexc.runtime.tp_runner import TPRegionRunner
 
 if TYPE_CHECKING:
-    from flexc.compiler import CompiledModel
+    from flexc.ir.artifact import CompiledModel
     from flexc.runtime.latency import LatencyModel
     from flexc.runtime.scheduler import SchedulingPolicy
 
@@ -103,7 +105,6 @@ class TPEngine(Engine):
             raise ValueError(f"checkpoint_dir is not supported at tp={self.dims.tp} yet; save the adapter with "
                              "save_adapter, or finetune at tp=1 to checkpoint")
         if self.is_driver and isinstance(dataset, str):
-            from flexc.runtime.dataset import load_jsonl
             dataset = load_jsonl(dataset, self.tokenizer, self.max_model_len)
         job = super().finetune(dataset, **options)
         self._tell(Op.FINETUNE, dataset=list(dataset), **options)

@@ -79,7 +79,14 @@ def create_app(settings: "ServerSettings", worker: EngineWorker, metrics: Server
     def jobs() -> JobManager:
         return state["jobs"]
 
-    # ------------------------------------------------------------------ health, metrics, models
+    _inference_routes(app, worker, metrics)
+    _adapter_routes(app, worker, settings)
+    _file_routes(app, files, jobs)
+    _job_routes(app, jobs)
+    return app
+
+
+def _inference_routes(app: FastAPI, worker: EngineWorker, metrics: ServerMetrics) -> None:
     @app.get("/health")
     async def health() -> Response:
         if worker.broken is not None:
@@ -110,7 +117,9 @@ def create_app(settings: "ServerSettings", worker: EngineWorker, metrics: Server
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _generate(worker, request, body, chat=True)
 
-    # ------------------------------------------------------------------ adapters
+
+
+def _adapter_routes(app: FastAPI, worker: EngineWorker, settings: "ServerSettings") -> None:
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraAdapterRequest) -> Response:
         if not ADAPTER_NAME_RE.fullmatch(body.lora_name):
@@ -130,7 +139,9 @@ def create_app(settings: "ServerSettings", worker: EngineWorker, metrics: Server
         worker.call(worker.refresh_models)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
-    # ------------------------------------------------------------------ files
+
+
+def _file_routes(app: FastAPI, files: FileRegistry, jobs: Callable[[], JobManager]) -> None:
     @app.post("/v1/files")
     async def upload_file(file: UploadFile = File(...), purpose: str = Form(...)) -> dict:
         return await run_in_threadpool(files.add, file.file, file.filename or "", purpose)
@@ -151,7 +162,9 @@ def create_app(settings: "ServerSettings", worker: EngineWorker, metrics: Server
     async def delete_file(file_id: str) -> dict:
         return files.delete(file_id, in_use=jobs().file_in_use(file_id))
 
-    # ------------------------------------------------------------------ fine-tuning
+
+
+def _job_routes(app: FastAPI, jobs: Callable[[], JobManager]) -> None:
     @app.post("/v1/fine_tuning/jobs")
     async def create_job(body: FineTuningJobCreate) -> dict:
         return jobs().create(body)
@@ -180,8 +193,6 @@ def create_app(settings: "ServerSettings", worker: EngineWorker, metrics: Server
     async def job_checkpoints(job_id: str, after: Optional[str] = None,
                               limit: int = Query(10, ge=1, le=100)) -> dict:
         return jobs().checkpoints(job_id, after, limit)
-
-    return app
 
 
 # ---------------------------------------------------------------------------------------------- generation

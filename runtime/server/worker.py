@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from flexc.runtime.server.catalog import AdapterCatalog
 from flexc.runtime.server.errors import APIError
-from flexc.runtime.server.jobs import JobRunner
+from flexc.runtime.server.job_runner import JobRunner
 from flexc.runtime.server.protocol import now
 
 if TYPE_CHECKING:

@@ -4,11 +4,12 @@ import sympy
 import torch
 
 import flexc
-from flexc.ir.capture import TOKEN_SYMBOL
+from flexc.ir.vocab import TOKEN_SYMBOL
 from flexc.ir.graph import NODE_INFO, Role
 from flexc.ir.regions import causal_lm_parts, layer_signature
 from flexc.ir.capture import fake_mode
-from flexc.models import LoraSpec, build_fake_model, resolve_model
+from flexc.ir.spec import LoraSpec
+from flexc.models import build_fake_model, resolve_model
 from tests.utils import write_config
 
 

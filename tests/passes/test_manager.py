@@ -7,7 +7,7 @@ import types
 import pytest
 
 import flexc
-from flexc.models import LoraSpec
+from flexc.ir.spec import LoraSpec
 from flexc.passes.manager import PassContext, PassError, PassManager, register_pass, resolve_pass
 from tests.utils import write_config
 

@@ -4,16 +4,18 @@ import json
 import pytest
 
 import flexc
-from flexc.models import LoraSpec
+from flexc.ir.spec import LoraSpec
 from flexc.passes.manager import PassContext
-from flexc.passes.memory import measure_autograd_bytes, memory, model_saved_bytes
-from flexc.passes.prune import STRATEGIES, evaluate
+from flexc.passes.memory import memory, model_saved_bytes
+from flexc.runtime.measure import measure_autograd_bytes
+from flexc.ir.vocab import evaluate_at
+from flexc.passes.prune import STRATEGIES
 from tests.utils import rel_err, write_config
 
 
 def _predicted(t, strategy):
     plans = t.cm.passes[0].report.regions
-    return evaluate(model_saved_bytes(t.cm.graph, plans, strategy), len(t.batch[0]))
+    return evaluate_at(model_saved_bytes(t.cm.graph, plans, strategy), len(t.batch[0]))
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", "fp32"), ("qwen2", "fp32"), ("llama", "bf16")])

@@ -4,9 +4,10 @@ import torch
 import torch.fx as fx
 
 import flexc
-from flexc.ir.capture import InputRef
+from flexc.ir.vocab import InputRef
 from flexc.ir.program import RegionProgram
-from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
 from flexc.passes.multi_lora import A_STACK, B_STACK, SCALING, SEG_ADAPTER, SEG_STARTS, rewrite_multi_lora
 from flexc.runtime.regions import RegionRunner
 from tests.utils import packed_batch, rel_err, write_config

@@ -4,8 +4,9 @@ import torch
 
 from flexc.ir.graph import DECISION, Decision
 from flexc.passes.manager import PassContext
-from flexc.passes.memory import measure_saved_bytes
-from flexc.passes.prune import STRATEGIES, evaluate, parse_budget, partition_region, prune
+from flexc.runtime.measure import measure_saved_bytes
+from flexc.ir.vocab import evaluate_at
+from flexc.passes.prune import STRATEGIES, parse_budget, partition_region, prune
 from tests.utils import rel_err
 
 
@@ -60,7 +61,7 @@ def test_pruned_merges_peft_fp32_copies(tiny):
         return sum(1 for s in plan.saved if s.kind == "activation" and s.dtype == "float32"
                    and len(s.shape) >= 2 and s.shape[-1] == hidden and s.nbytes != 0)
     assert copies(plans["autograd"]) - copies(plans["pruned"]) >= 2
-    assert evaluate(plans["pruned"].saved_bytes, 16) < evaluate(plans["autograd"].saved_bytes, 16)
+    assert evaluate_at(plans["pruned"].saved_bytes, 16) < evaluate_at(plans["autograd"].saved_bytes, 16)
 
 
 @pytest.mark.parametrize("budget,installed", [("max", "pruned"), ("min", "checkpoint"), ("3KiB", "pruned_remat"),
@@ -73,14 +74,14 @@ def test_budget_selects_partition(tiny, budget, installed):
     rep = prune(graph, PassContext(options={"seq_len": 16, "activation_budget": budget}))
     assert rep.installed == installed and rep.budget_met == (budget != 8)
     for name, plans in rep.regions.items():
-        per_token = evaluate(plans[installed].saved_bytes, 16) / 16
+        per_token = evaluate_at(plans[installed].saved_bytes, 16) / 16
         if budget == 8:
-            assert per_token <= evaluate(plans["checkpoint"].saved_bytes, 16) / 16
+            assert per_token <= evaluate_at(plans["checkpoint"].saved_bytes, 16) / 16
         elif isinstance(budget, int) or budget.endswith("KiB"):
             assert per_token <= parse_budget(budget)[1]
         if budget == "min":
             assert all(s.kind in ("input", "shared", "param") for s in plans[installed].saved)
-    m = measure_saved_bytes(graph, {}, t.model, t.batch)       # the installed graphs
+    m = measure_saved_bytes(t.cm, t.model, t.batch)       # the installed graphs
     assert max(rel_err(m.grads[k], g) for k, g in t.ref_grads.items()) < 1e-4
 
 

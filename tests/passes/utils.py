@@ -6,8 +6,9 @@ import dataclasses
 import torch
 
 import flexc
-from flexc.models import LoraSpec, load_model, resolve_model
-from flexc.passes.memory import measure_saved_bytes
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
+from flexc.runtime.measure import measure_saved_bytes
 from flexc.passes.prune import partition_region
 from tests.utils import eager_peft_loss_grads, packed_batch, randomize_lora, write_config
 
@@ -31,7 +32,7 @@ class Tiny:
         if strategy not in self._measured:
             graphs = {n: partition_region(r, strategy, self.cm.seq_len)[:2]
                       for n, r in self.cm.graph.regions.items() if r.bw is not None}
-            self._measured[strategy] = measure_saved_bytes(self.cm.graph, graphs, self.model, self.batch)
+            self._measured[strategy] = measure_saved_bytes(self.cm, self.model, self.batch, graphs)
         return self._measured[strategy]
 
 

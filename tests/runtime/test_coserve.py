@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import flexc
-from flexc.models import LoraSpec, load_model, resolve_model
-from flexc.runtime.coserve import CoServePolicy, FinetuneOnlyPolicy, TemporalPolicy, make_policy
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
+from flexc.runtime.policies import CoServePolicy, FinetuneOnlyPolicy, TemporalPolicy, make_policy
 from flexc.runtime.dataset import TrainingSequence
 from flexc.runtime.engine import Engine, EngineConfig
 from flexc.runtime.latency import IterationWork, LatencyModel

@@ -3,8 +3,12 @@ import pytest
 
 import flexc
 from flexc.ir.parallel import Shard
-from flexc.models import LoraSpec, load_model, resolve_model
-from flexc.runtime.distributed import TPRegionRunner, broadcast_batch, load_sharded_model, shard_tensor, spawn
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
+from flexc.runtime.launch import spawn
+from flexc.runtime.protocol import broadcast_object
+from flexc.runtime.sharding import load_sharded_model, shard_tensor
+from flexc.runtime.tp_runner import TPRegionRunner
 from flexc.runtime.regions import RegionRunner
 from tests.runtime.utils import save_base_weights
 from tests.utils import packed_batch, randomize_lora, rel_err, write_config
@@ -19,7 +23,7 @@ def _parity(dims, cm, model, ckpt_dir):
     if dims.rank == 0:                                           # rank 0 builds the batch, the others receive it
         ids, pos, cu, labels, _ = packed_batch([5, 7, 4], cfg.vocab_size, seed=3)
         batch = {"ids": ids, "pos": pos, "cu": cu, "labels": labels}
-    b = broadcast_batch(dims, batch)
+    b = broadcast_object(dims, batch)
     if ckpt_dir is None:
         runner = TPRegionRunner(cm, model, dims)                 # shards cut from the model in memory
     else:                                                        # shards read slice by slice from safetensors

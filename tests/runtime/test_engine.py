@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import flexc
-from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
 from flexc.runtime.engine import Engine, EngineConfig, resolve_device
 from tests.runtime.utils import hf_greedy, save_tiny_adapter, save_tiny_model
 

@@ -5,7 +5,8 @@ import torch
 
 import flexc
 from flexc.kernels.attention import paged_attention_ref, paged_context, write_kv_ref
-from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
 from flexc.runtime.adapters import AdapterRegistry
 from flexc.runtime.batch import ScheduledSequence, SchedulerOutput, SeqKind
 from flexc.runtime.executor import Executor, make_kv_spec

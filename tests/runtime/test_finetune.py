@@ -5,9 +5,11 @@ import pytest
 import torch
 
 import flexc
-from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
 from flexc.runtime.dataset import TrainingSequence
-from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, JobStatus, save_peft_adapter
+from flexc.runtime.checkpoint import save_peft_adapter
+from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, JobStatus
 from flexc.runtime.regions import RegionRunner
 from flexc.runtime.sequence import FinetuneSequence, make_layouts
 from tests.runtime.utils import drive_finetune_only
@@ -176,7 +178,8 @@ _CHILD = r"""
 import copy, sys, time
 sys.path.insert(0, {root!r})
 import flexc
-from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
 from flexc.runtime.finetune import FinetuneConfig
 from tests.runtime.test_finetune import _data, _job, drive_one
 from tests.utils import randomize_lora

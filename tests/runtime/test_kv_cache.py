@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from flexc.runtime.kv_cache import BlockPool, KVCacheManager, KVCacheSpec, make_num_blocks
+from flexc.ir.spec import KVCacheSpec
+from flexc.runtime.kv_cache import BlockPool, KVCacheManager, make_num_blocks
 
 
 def test_num_blocks_from_tokens_and_budget():

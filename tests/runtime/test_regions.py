@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import flexc
-from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
 from flexc.runtime.regions import RegionRunner
 from tests.utils import eager_peft_loss_grads, packed_batch, randomize_lora, rel_err, write_config
 

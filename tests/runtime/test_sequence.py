@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import flexc
-from flexc.models import LoraSpec, load_model, resolve_model
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
 from flexc.runtime.dataset import TrainingSequence
 from flexc.runtime.regions import RegionRunner
 from flexc.runtime.sequence import FinetuneSequence, make_layouts

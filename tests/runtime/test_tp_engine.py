@@ -7,10 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 import flexc
-from flexc.models import LoraSpec, load_model, resolve_model
-from flexc.runtime.coserve import CoServePolicy
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
+from flexc.runtime.policies import CoServePolicy
 from flexc.runtime.dataset import TrainingSequence
-from flexc.runtime.distributed import ParallelDims, load_sharded_model
+from flexc.runtime.launch import ParallelDims
+from flexc.runtime.sharding import load_sharded_model
 from flexc.runtime.engine import Engine, EngineConfig
 from flexc.runtime.latency import LatencyModel
 from flexc.runtime.tp_engine import TPEngine, run_tp

@@ -17,84 +17,26 @@ interface:
 * ``inference_only``: finetuning never runs;
 * ``finetune_only``: only finetuning runs, at the full token budget.
 
-:class:`FinetuneQueue` holds the jobs (first come first served; one job's
-sequence is in flight at a time, the others wait). :func:`iteration_work`
-describes a scheduled batch for the latency model.
+The finetuning jobs come from the scheduler's :class:`~flexc.runtime.finetune.FinetuneQueue`
+(first come first served; one job's sequence is in flight at a time).
 """
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Optional
 
-from flexc.runtime.batch import SchedulerOutput, ScheduledSequence, SeqKind
-from flexc.runtime.latency import IterationWork, LatencyModel
+from flexc.runtime.batch import ScheduledSequence
+from flexc.runtime.latency import IterationWork, LatencyModel, forward_work
 from flexc.runtime.scheduler import DecodeFirstPolicy
 
 if TYPE_CHECKING:
-    from flexc.runtime.executor import Executor
     from flexc.runtime.finetune import FinetuneJob
-    from flexc.runtime.kv_cache import KVCacheManager
     from flexc.runtime.scheduler import Scheduler
     from flexc.runtime.sequence import FinetuneSequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FinetuneQueue", "CoServePolicy", "TemporalPolicy", "InferenceOnlyPolicy", "FinetuneOnlyPolicy",
-           "POLICIES", "make_policy", "iteration_work"]
-
-
-class FinetuneQueue:
-    """Finetuning jobs in submission order; the first unfinished one is active."""
-
-    def __init__(self) -> None:
-        self.jobs: list["FinetuneJob"] = []
-        self.sequences: dict[str, "FinetuneSequence"] = {}
-        """Sequences with work in flight, by id (what the executor records into)."""
-
-    def add(self, job: "FinetuneJob") -> None:
-        self.jobs.append(job)
-
-    def active(self) -> Optional[tuple["FinetuneJob", "FinetuneSequence"]]:
-        """(job, its current sequence) of the first job with work left, or None."""
-        for job in self.jobs:
-            fs = job.next_sequence()
-            if fs is not None:
-                self.sequences[fs.seq_id] = fs
-                return job, fs
-        return None
-
-    def job_of(self, seq_id: str) -> "FinetuneJob":
-        prefix = seq_id.rsplit("/", 1)[0]
-        return next(j for j in self.jobs if j.job_id == prefix)
-
-    @property
-    def has_work(self) -> bool:
-        return any(not j.finished for j in self.jobs)
-
-
-def iteration_work(batch: SchedulerOutput, num_layers: int, lengths: dict[str, int]) -> IterationWork:
-    """The latency model's description of a scheduled batch (``lengths``: finetuning sequence lengths)."""
-    bwd = sum(k * lengths.get(sid, 0) for sid, k in batch.finetune_backward.items())
-    return _seqs_work(batch.seqs) + IterationWork(ft_backward_layer_tokens=bwd,
-                                                  ft_backward_layers=sum(batch.finetune_backward.values()))
-
-
-def _seqs_work(seqs: list[ScheduledSequence]) -> IterationWork:
-    """The forward part: tokens by kind, attention pairs of every chunk, one pass per finetuning adapter."""
-    dec = pre = ft = pairs = 0
-    ft_adapters = set()
-    for s in seqs:
-        n = len(s.token_ids)
-        if s.kind is SeqKind.FINETUNE:
-            ft += n
-            ft_adapters.add(s.adapter_id)
-        elif s.kind is SeqKind.DECODE:
-            dec += n
-        else:
-            pre += n
-        pairs += n * (s.num_computed_tokens + n) if n > 1 else 0
-    return IterationWork(decode_tokens=dec, prefill_tokens=pre, attention_pairs=pairs, ft_forward_tokens=ft,
-                         ft_forward_passes=len(ft_adapters))
+__all__ = ["CoServePolicy", "TemporalPolicy", "InferenceOnlyPolicy", "FinetuneOnlyPolicy", "POLICIES", "make_policy"]
 
 
 def _tokens_left(sched: "Scheduler", seqs: list[ScheduledSequence]) -> int:
@@ -204,7 +146,7 @@ class CoServePolicy:
         if act is None:
             return seqs
         job, fs = act
-        base = _seqs_work(seqs)
+        base = forward_work(seqs)
         idle = not seqs
         if fs.forward_remaining > 0:
             limit = min(_tokens_left(sched, seqs), fs.forward_remaining)
@@ -242,82 +184,3 @@ def make_policy(name: str, latency: Optional[LatencyModel] = None, tpot_slo: flo
     if name == "finetune_only":
         return FinetuneOnlyPolicy()
     raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(POLICIES)}")
-
-
-
-def profile_latency(executor: "Executor", kv: "KVCacheManager", vocab_size: int, max_len: int,
-                    repeats: int = 2, seed: int = 0) -> list[tuple[IterationWork, float]]:
-    """Time a short grid of synthetic iterations (decode, prefill, finetuning forward and backward, mixed)
-    on the real executor; the samples fit a :class:`LatencyModel` at start-up.
-
-    Uses scratch KV blocks (freed afterwards) and a throw-away finetuning sequence on the base weights.
-    """
-    import time
-
-    import torch
-
-    from flexc.runtime.dataset import TrainingSequence
-    from flexc.runtime.sequence import FinetuneSequence, make_layouts
-
-    g = torch.Generator().manual_seed(seed)
-    runner = executor.runner
-    num_layers = len(runner.layers)
-    seq_len = max(8, min(128, max_len // 2))
-    ctx = max(4, min(32, max_len // 4))
-    samples: list[tuple[IterationWork, float]] = []
-    ids = iter(range(10**9))
-
-    def toks(n: int) -> list[int]:
-        return torch.randint(0, vocab_size, (n,), generator=g).tolist()
-
-    def inference_seq(n_new: int, n_ctx: int) -> ScheduledSequence:
-        rid = f"__profile_{next(ids)}"
-        if kv.allocate_slots(rid, n_ctx + n_new) is None:
-            raise ValueError("the KV cache is too small to profile the latency model; raise kv_cache_tokens")
-        kind = SeqKind.DECODE if n_new == 1 else SeqKind.PREFILL
-        return ScheduledSequence(req_id=rid, kind=kind, adapter_id=None, token_ids=toks(n_new), num_computed_tokens=n_ctx,
-                                 block_ids=list(kv.get_block_ids(rid)), sample=True)
-
-    def timed(seqs, backward=None, ft=None) -> None:
-        batch = SchedulerOutput(seqs=seqs, num_scheduled_tokens={s.req_id: len(s.token_ids) for s in seqs},
-                                total_num_scheduled_tokens=sum(len(s.token_ids) for s in seqs),
-                                finetune_backward=backward or {})
-        t0 = time.perf_counter()
-        if seqs:
-            executor.execute(batch, ft)
-        for sid, k in (backward or {}).items():
-            ft[sid].backward_window(runner, k)
-        executor.synchronize()
-        samples.append((iteration_work(batch, num_layers, {s: f.length for s, f in (ft or {}).items()}),
-                        time.perf_counter() - t0))
-        for s in seqs:
-            if s.kind is not SeqKind.FINETUNE:
-                kv.free(s.req_id)
-
-    try:
-        for _ in range(repeats):
-            for d in (1, 8, 32):
-                timed([inference_seq(1, ctx) for _ in range(d)])
-            for p in (seq_len // 4, seq_len):
-                timed([inference_seq(p, 0)])
-            seq = TrainingSequence(tuple(toks(seq_len)), tuple(toks(seq_len - 1)) + (-100,))
-            fs = FinetuneSequence(seq, make_layouts(runner), 1.0 / seq_len, f"__profile_ft_{next(ids)}")
-            ftmap = {fs.seq_id: fs}
-            for n in (seq_len // 4, seq_len - seq_len // 4):
-                s = None
-                if kv.allocate_slots(fs.seq_id, fs.forward_pos + n) is not None:
-                    start, tid, _ = fs.next_chunk(n)
-                    s = ScheduledSequence(req_id=fs.seq_id, kind=SeqKind.FINETUNE, adapter_id=None, token_ids=tid,
-                                          num_computed_tokens=start, block_ids=list(kv.get_block_ids(fs.seq_id)),
-                                          sample=False)
-                extra = [inference_seq(1, ctx) for _ in range(4)] if n != seq_len // 4 else []
-                timed(extra + ([s] if s is not None else []), ft=ftmap)
-            if fs.in_backward:
-                timed([], backward={fs.seq_id: 1}, ft=ftmap)
-                timed([], backward={fs.seq_id: max(1, num_layers // 2)}, ft=ftmap)
-            kv.free(fs.seq_id)
-    finally:
-        for rid in list(kv.req_to_blocks):
-            if rid.startswith("__profile"):
-                kv.free(rid)
-    return samples

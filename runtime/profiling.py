@@ -1,0 +1,94 @@
+"""Profiling the latency model at start-up: a short grid of synthetic iterations timed on the real executor.
+
+The samples (what each iteration computed, how long it took) fit the
+:class:`~flexc.runtime.latency.LatencyModel` the co-serving policy plans with.
+Every tensor-parallel rank runs the same grid, so their collectives pair up.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from flexc.runtime.batch import ScheduledSequence, SchedulerOutput, SeqKind
+from flexc.runtime.dataset import TrainingSequence
+from flexc.runtime.latency import IterationWork, iteration_work
+from flexc.runtime.sequence import FinetuneSequence, make_layouts
+
+if TYPE_CHECKING:
+    from flexc.runtime.executor import Executor
+    from flexc.runtime.kv_cache import KVCacheManager
+
+__all__ = ["profile_latency"]
+
+
+def profile_latency(executor: "Executor", kv: "KVCacheManager", vocab_size: int, max_len: int,
+                    repeats: int = 2, seed: int = 0) -> list[tuple[IterationWork, float]]:
+    """Time a short grid of synthetic iterations (decode, prefill, finetuning forward and backward, mixed)
+    on the real executor; the samples fit a :class:`LatencyModel` at start-up.
+
+    Uses scratch KV blocks (freed afterwards) and a throw-away finetuning sequence on the base weights.
+    """
+    g = torch.Generator().manual_seed(seed)
+    runner = executor.runner
+    num_layers = len(runner.layers)
+    seq_len = max(8, min(128, max_len // 2))
+    ctx = max(4, min(32, max_len // 4))
+    samples: list[tuple[IterationWork, float]] = []
+    ids = iter(range(10**9))
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(0, vocab_size, (n,), generator=g).tolist()
+
+    def inference_seq(n_new: int, n_ctx: int) -> ScheduledSequence:
+        rid = f"__profile_{next(ids)}"
+        if kv.allocate_slots(rid, n_ctx + n_new) is None:
+            raise ValueError("the KV cache is too small to profile the latency model; raise kv_cache_tokens")
+        kind = SeqKind.DECODE if n_new == 1 else SeqKind.PREFILL
+        return ScheduledSequence(req_id=rid, kind=kind, adapter_id=None, token_ids=toks(n_new), num_computed_tokens=n_ctx,
+                                 block_ids=list(kv.get_block_ids(rid)), sample=True)
+
+    def timed(seqs, backward=None, ft=None) -> None:
+        batch = SchedulerOutput(seqs=seqs, num_scheduled_tokens={s.req_id: len(s.token_ids) for s in seqs},
+                                total_num_scheduled_tokens=sum(len(s.token_ids) for s in seqs),
+                                finetune_backward=backward or {})
+        t0 = time.perf_counter()
+        if seqs:
+            executor.execute(batch, ft)
+        for sid, k in (backward or {}).items():
+            ft[sid].backward_window(runner, k)
+        executor.synchronize()
+        samples.append((iteration_work(batch, num_layers, {s: f.length for s, f in (ft or {}).items()}),
+                        time.perf_counter() - t0))
+        for s in seqs:
+            if s.kind is not SeqKind.FINETUNE:
+                kv.free(s.req_id)
+
+    try:
+        for _ in range(repeats):
+            for d in (1, 8, 32):
+                timed([inference_seq(1, ctx) for _ in range(d)])
+            for p in (seq_len // 4, seq_len):
+                timed([inference_seq(p, 0)])
+            seq = TrainingSequence(tuple(toks(seq_len)), tuple(toks(seq_len - 1)) + (-100,))
+            fs = FinetuneSequence(seq, make_layouts(runner), 1.0 / seq_len, f"__profile_ft_{next(ids)}")
+            ftmap = {fs.seq_id: fs}
+            for n in (seq_len // 4, seq_len - seq_len // 4):
+                s = None
+                if kv.allocate_slots(fs.seq_id, fs.forward_pos + n) is not None:
+                    start, tid, _ = fs.next_chunk(n)
+                    s = ScheduledSequence(req_id=fs.seq_id, kind=SeqKind.FINETUNE, adapter_id=None, token_ids=tid,
+                                          num_computed_tokens=start, block_ids=list(kv.get_block_ids(fs.seq_id)),
+                                          sample=False)
+                extra = [inference_seq(1, ctx) for _ in range(4)] if n != seq_len // 4 else []
+                timed(extra + ([s] if s is not None else []), ft=ftmap)
+            if fs.in_backward:
+                timed([], backward={fs.seq_id: 1}, ft=ftmap)
+                timed([], backward={fs.seq_id: max(1, num_layers // 2)}, ft=ftmap)
+            kv.free(fs.seq_id)
+    finally:
+        for rid in list(kv.req_to_blocks):
+            if rid.startswith("__profile"):
+                kv.free(rid)
+    return samples
