@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "serve.json"))
     args = ap.parse_args()
 
+    load_start = round(os.getloadavg()[0], 2)          # the machine may be shared: say how busy it was
     data_dir = tempfile.mkdtemp(prefix="flexc-serve-bench-")
     port = free_port()
     key = "bench-key"
@@ -145,7 +146,8 @@ def main() -> None:
         startup = time.perf_counter() - t_start
         print(f"server up in {startup:.0f} s (pid {proc.pid}, {url})", flush=True)
         with open(main_job.TRAIN_FILE, "rb") as f:
-            fid = http.post("/v1/files", files={"file": ("veltrax.jsonl", f)}, data={"purpose": "fine-tune"}).json()["id"]
+            fid = http.post("/v1/files", files={"file": ("veltrax.jsonl", f)},
+                            data={"purpose": "fine-tune"}).json()["id"]
         job = http.post("/v1/fine_tuning/jobs", json={"model": "smollm2-135m", "training_file": fid, "seed": 0,
                                                       "hyperparameters": {"n_epochs": 50}}).json()
         while job_state(http, job["id"])["status"] != "running":
@@ -173,6 +175,8 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(), "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
         "requests": args.requests, "max_tokens": args.max_tokens, "tpot_slo_ms": args.tpot_slo_ms,
+        "load_average_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()],
+        "load_average_1m_at_start": load_start,
         "server_startup_s": round(startup, 1), "ok": len(ok), "errors": [r["error"] for r in res if r not in ok],
         "distinct_ids": len(set(ids)), "all_done": all(r["done"] for r in res),
         "server_finished_requests": finished, "client_tokens": tokens, "server_generated_tokens": generated,
@@ -194,6 +198,8 @@ def main() -> None:
     print(f"finetuning  job {after['status']}: step {before['step']} -> {after['step']} of {after['total_steps']}, "
           f"loss {before['loss']} -> {after['loss']}, trained tokens {before['trained_tokens']} -> "
           f"{after['trained_tokens']}")
+    print(f"machine     {summary['machine']}, load average {load_start} at the start, "
+          f"{summary['load_average_1_5_15_at_end']} (1/5/15 min) at the end; server up in {startup:.0f} s")
     print(f"wrote       {args.out}")
 
 

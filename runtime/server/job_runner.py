@@ -133,8 +133,8 @@ class JobRunner:
                                   loss=job.loss_history[-1] if job.loss_history else None,
                                   tokens_per_second=job.tokens_per_second, trained_tokens=job.tokens_trained)
         if job.status == "completed":
-            latest = os.path.join(spec.checkpoint_dir, open(os.path.join(spec.checkpoint_dir, "latest")).read()
-                                  .strip())
+            with open(os.path.join(spec.checkpoint_dir, "latest")) as f:     # the final checkpoint's directory
+                latest = os.path.join(spec.checkpoint_dir, f.read().strip())
             self.catalog.add_job_model(spec.model_name, latest, job.version, training=False)
             spec.on_update(_snapshot("succeeded", job, adapter_path=latest))
             self.active = None

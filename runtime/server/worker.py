@@ -189,7 +189,7 @@ class EngineWorker:
                 self._ready.set()
             else:
                 logger.exception("the engine loop stopped")
-                self._fail_all(f"{type(e).__name__}: {e}")
+                self._break(f"the engine loop stopped: {type(e).__name__}: {e}")
 
     def _drive(self, engine: "Engine") -> None:
         self.engine = engine
@@ -213,9 +213,8 @@ class EngineWorker:
                 try:
                     events = engine.step()
                 except Exception as e:
-                    self.broken = f"engine step failed: {type(e).__name__}: {e}"
                     logger.exception("engine step failed; the server stops serving")
-                    self._fail_all(self.broken)
+                    self._break(f"engine step failed: {type(e).__name__}: {e}")
                     return
                 self._dispatch(events)
                 iterations += 1
@@ -248,10 +247,19 @@ class EngineWorker:
         """Rebuild the ``GET /v1/models`` snapshot (worker thread)."""
         self.models = tuple(self.catalog.model_list(self.started, self.max_model_len))
 
-    def _fail_all(self, message: str) -> None:
+    def _break(self, message: str) -> None:
+        """The engine cannot go on: fail every request in flight and every queued call; /health says 503."""
+        self.broken = message
         for live in self._live.values():
             live.sink(Failed(message))
         self._live.clear()
+        while True:
+            try:
+                _fn, _args, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(APIError(503, f"The engine is not running: {message}", code="engine_unavailable"))
 
     # ------------------------------------------------------------------ requests (worker thread)
     def _tokens(self, req: GenerationRequest) -> list[int]:

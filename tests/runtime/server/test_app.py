@@ -126,9 +126,9 @@ def test_streamed_chat_with_usage(setup):
 
 
 def test_bad_requests_get_openai_errors(setup):
-    """Unknown model 404, malformed JSON 400, a body over the limit 413, a missing or wrong key 401 (but /health
-    is open), a job on a file that does not exist 400, an adapter path outside the allowed directories 403 (also
-    through '..'), n=2 400: each with an OpenAI error body."""
+    """Unknown model 404, malformed JSON 400, a body over the limit 413 (announced or streamed), a missing or
+    wrong key 401 (but /health is open), a job on a file that does not exist 400, an adapter path outside the
+    allowed directories 403 (also through '..'), n=2 400: each with an OpenAI error body."""
     c = _client(setup)
     with pytest.raises(openai.NotFoundError) as e:
         c.chat.completions.create(model="nope", messages=QUESTION, stream=True)
@@ -137,6 +137,9 @@ def test_bad_requests_get_openai_errors(setup):
     assert r.status_code == 400 and _error(r)["code"] == "invalid_json"
     big = {"model": BASE, "prompt": "x" * 70_000}
     r = _post(setup, "/v1/completions", big)
+    assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
+    chunked = (json.dumps(big).encode()[i:i + 8192] for i in range(0, 80_000, 8192))   # no Content-Length
+    r = _post(setup, "/v1/completions", content=chunked)
     assert r.status_code == 413 and _error(r)["code"] == "request_too_large"
     r = _post(setup, "/v1/completions", {"model": BASE, "prompt": "hi"}, key=None)
     assert r.status_code == 401 and _error(r)["code"] == "invalid_api_key"

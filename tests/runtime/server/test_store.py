@@ -34,8 +34,9 @@ def test_torn_event_line_is_skipped(tmp_path):
     assert s.events(jid) == [{"id": "e1"}]
 
 
-@pytest.mark.parametrize("kind,bad", [("file", "../etc/passwd"), ("file", "file-xyz"), ("file", "file-" + "0" * 23 + "/"),
-                                      ("job", "ftjob-../../x"), ("job", "ftjob-" + "a" * 24 + "/..")])
+@pytest.mark.parametrize("kind,bad", [("file", "../etc/passwd"), ("file", "file-xyz"),
+                                      ("file", "file-" + "0" * 23 + "/"), ("job", "ftjob-../../x"),
+                                      ("job", "ftjob-" + "a" * 24 + "/..")])
 def test_only_server_ids_become_paths(tmp_path, kind, bad):
     """A string that is not an id the server generates never becomes a path."""
     s = Store(str(tmp_path))
