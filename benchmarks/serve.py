@@ -114,7 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--timeout", type=float, default=900.0, help="bound of the whole burst, seconds")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="bound of the whole burst, seconds")
     ap.add_argument("--tpot-slo-ms", type=float, default=1000.0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "serve.json"))
