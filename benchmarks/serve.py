@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--timeout", type=float, default=1800.0, help="bound of the whole burst, seconds")
     ap.add_argument("--tpot-slo-ms", type=float, default=1000.0)
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="the server's torch threads (1: no OpenMP spinning on a shared machine)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "serve.json"))
     args = ap.parse_args()
 
