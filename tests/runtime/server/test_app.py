@@ -147,6 +147,21 @@ def test_streamed_chat_with_usage(setup):
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
 
 
+def test_stop_string_cuts_streamed_and_whole_replies_alike(setup):
+    """A stop string from the middle of a greedy completion ends it there (finish_reason stop), streamed or not;
+    the stream never shows text past the cut."""
+    c = _client(setup)
+    kw = dict(model=BASE, prompt="Hello there", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    full = c.completions.create(**kw).choices[0].text
+    k = next(i for i in range(2, len(full) - 1) if full[i:i + 2].isprintable() and not full[i:i + 2].isspace()
+             and full.find(full[i:i + 2]) == i)
+    whole = c.completions.create(**kw, stop=[full[k:k + 2]]).choices[0]
+    streamed = list(c.completions.create(**kw, stop=[full[k:k + 2]], stream=True))
+    assert whole.text == full[:k] and whole.finish_reason == "stop"
+    assert "".join(ch.choices[0].text for ch in streamed) == full[:k]
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
 def test_bad_requests_get_openai_errors(setup):
     """Unknown model 404, malformed JSON 400, a body over the limit 413 (announced or streamed), a missing or
     wrong key 401 (but /health is open), a job on a file that does not exist 400, an adapter path outside the
