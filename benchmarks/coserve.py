@@ -22,7 +22,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -33,19 +32,16 @@ import torch
 import flexc
 from flexc import main_job
 from flexc.runtime.engine import resolve_device
+from flexc.runtime.metrics import percentile
 
 POLICIES = ("inference_only", "finetune_only", "coserve", "temporal")
-
-
-def pct(xs: list[float], q: float) -> float:
-    return main_job._pct(xs, q)
 
 
 def build_engine(policy: str, args) -> "flexc.Engine":
     kwargs = dict(lora=flexc.LoraSpec(r=16, alpha=32), policy=policy, tpot_slo=args.tpot_slo, ttft_slo=args.ttft_slo,
                   token_budget=args.token_budget, kv_cache_tokens=16384, latency_profile=args.latency_profile,
                   device=args.device)
-    with main_job._quiet_stderr():
+    with main_job.quiet_stderr():
         engine = flexc.Engine.from_pretrained("smollm2-135m", **kwargs)
     if policy != "finetune_only":                                    # (it never schedules requests)
         engine.generate(["Hello!"], max_new_tokens=4, chat=True)      # warm up first-call allocations
@@ -67,8 +63,8 @@ def run_one(engine, policy: str, rate: float, load, args) -> dict:
     frac = (lambda xs: sum(xs) / len(xs) if xs else None)
     return {"policy": policy, "rate": rate, "wall_s": round(wall, 2), "requests": len(load),
             "finished": len(res), "slo_attainment": frac(ok_both), "tpot_slo_attainment": frac(ok_tpot),
-            "ttft_p50_ms": round(1000 * pct(ttft, 50), 1), "ttft_p99_ms": round(1000 * pct(ttft, 99), 1),
-            "tpot_p50_ms": round(1000 * pct(tpot, 50), 1), "tpot_p99_ms": round(1000 * pct(tpot, 99), 1),
+            "ttft_p50_ms": round(1000 * percentile(ttft, 50), 1), "ttft_p99_ms": round(1000 * percentile(ttft, 99), 1),
+            "tpot_p50_ms": round(1000 * percentile(tpot, 50), 1), "tpot_p99_ms": round(1000 * percentile(tpot, 99), 1),
             "inference_tokens_per_s": round(sum(len(r.token_ids) for r in res) / wall, 2),
             "finetune_tokens_per_s": round(sum(h.get("ft_tokens_done", 0) for h in hist) / wall, 2),
             "finetune_forward_tokens_per_s": round(sum(h["ft_forward_tokens"] for h in hist) / wall, 2),

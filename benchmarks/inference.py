@@ -24,6 +24,7 @@ import time
 import torch
 
 import flexc
+from flexc.runtime.metrics import percentile
 
 
 def make_requests(n: int, seed: int, vocab: int) -> tuple[list[list[int]], list[int]]:
@@ -34,16 +35,11 @@ def make_requests(n: int, seed: int, vocab: int) -> tuple[list[list[int]], list[
     return prompts, outs
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))]
-
-
 def summarize(name: str, wall: float, ntok: int, ttft: list[float], tpot: list[float]) -> dict:
     return {"system": name, "wall_s": round(wall, 3), "output_tokens": ntok,
             "output_tokens_per_s": round(ntok / wall, 2),
-            **{f"ttft_p{q}_ms": round(1000 * pct(ttft, q), 1) for q in (50, 90, 99)},
-            **{f"tpot_p{q}_ms": round(1000 * pct(tpot, q), 1) for q in (50, 90, 99)}}
+            **{f"ttft_p{q}_ms": round(1000 * percentile(ttft, q), 1) for q in (50, 90, 99)},
+            **{f"tpot_p{q}_ms": round(1000 * percentile(tpot, q), 1) for q in (50, 90, 99)}}
 
 
 def run_flexc(engine, prompts, outs) -> tuple[dict, list[list[int]]]:

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from flexc.ir.spec import parse_bytes
+
 logger = logging.getLogger("flexc")
 
 _COMMANDS = {
@@ -24,20 +26,11 @@ _COMMANDS = {
 
 
 def _size(text: str) -> int:
-    """'80GiB', '80GB', '512MiB' or a byte count -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "tb": 10**12, "b": 1}
-    t = text.strip().lower()
-    for u, mult in units.items():
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * mult)
-            except ValueError:
-                break
+    """'80GiB', '80GB', '512MiB' or a byte count -> bytes (argparse type)."""
     try:
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 80GiB, 512MiB or a byte count") from None
+        return int(parse_bytes(text, "size"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base weight dtype (default bf16 for presets, fp32 for models with weights)")
     p.add_argument("--activation-budget", default=None,
                    help="bytes per token (or 'max'/'min') the prune pass may keep for the backward")
+    p.add_argument("--recompute-budget", default=None, metavar="FRACTION",
+                   help="default activation budget only: keep the fewest bytes whose recompute stays within this "
+                        "fraction of each region's training FLOPs (0-1 or e.g. 30%%; default 0.2)")
     p.add_argument("--device-memory", type=_size, default=None, help="device memory for the plan, e.g. 80GiB")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--tp-plan", default=None, help="JSON base TP plan {module pattern: colwise|rowwise|replicate}")
@@ -105,8 +101,16 @@ def main_compile(args: argparse.Namespace) -> int:
         options["tp_plan"] = args.tp_plan
     if args.activation_budget is not None:
         options["activation_budget"] = args.activation_budget
+    if args.recompute_budget is not None:
+        from flexc.passes.prune import parse_recompute_budget
+        if args.activation_budget not in (None, "auto"):
+            raise ValueError(f"--recompute-budget applies to the default activation budget ('auto'), not "
+                             f"--activation-budget {args.activation_budget}")
+        options["recompute_budget"] = parse_recompute_budget(args.recompute_budget)
     if args.device_memory is not None:
         options["device_memory"] = args.device_memory
+    if os.getcwd() not in sys.path:       # NOTE: --pass module:function resolves from here, as ``python -m`` does
+        sys.path.insert(0, os.getcwd())
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ValueError(f"cannot write {args.output}: directory {out_dir} does not exist")
@@ -127,22 +131,10 @@ def _build_parser() -> argparse.ArgumentParser:
             add_arguments(sp)
             sp.set_defaults(func=main_compile)
             continue
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name != mod_name:
-                raise
-            sp.set_defaults(func=_missing(name))
-            continue
+        mod = importlib.import_module(mod_name)
         mod.add_arguments(sp)
         sp.set_defaults(func=mod.main)
     return parser
-
-
-def _missing(name: str):
-    def run(_args) -> int:
-        raise ValueError(f"'flexc {name}' is not available in this build")
-    return run
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

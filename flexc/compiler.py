@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["compile", "capture_model", "DEFAULT_PASSES"]
 
-DEFAULT_PASSES: tuple[str, ...] = ("prune", "memory", "parallelize")
-"""Built-in pipeline run before user passes (the prune/memory/parallelize passes register here)."""
+DEFAULT_PASSES: tuple[str, ...] = ("prune", "memory", "parallelize", "serve")
+"""Built-in pipeline run before user passes. NOTE: serve runs last: it builds the serving graphs from the
+partition prune installed and, at tp > 1, from the sharded graphs parallelize made."""
 
 
 def _example_inputs(cfg: Any, mode: Any, seq_len: int, dtype: torch.dtype):
@@ -86,7 +87,7 @@ def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str, seq
 
 
 def compile(model: Any = DEFAULT_MODEL, *, lora: Any = True, dtype: Optional[str] = None, seq_len: int = 2048,
-            passes: Sequence[str] = (), builtin_passes: Optional[Sequence[str]] = None,
+            passes: Sequence[Any] = (), builtin_passes: Optional[Sequence[str]] = None,
             **options: Any) -> CompiledModel:
     """Capture ``model`` (name, path or :class:`ModelSource`) with LoRA and run the pass pipeline.
 

@@ -75,7 +75,7 @@ class Engine(_Engine):
         tp = dims.tp if dims is not None else 1
         check_tp(model_shape(source), tp)
         # NOTE: the training passes (memory plan) have nothing to plan for a base-only engine: skip them there
-        passes = None if spec is not None else ("parallelize",) if tp > 1 else ()
+        passes = None if spec is not None else ("parallelize", "serve") if tp > 1 else ("serve",)
         compiled = flexc_compile(source, lora=spec, dtype=dtype, builtin_passes=passes,
                                  **({"tp": tp} if tp > 1 else {}))
         model = load_model(source, spec, dtype).to(where)

@@ -5,6 +5,9 @@ with shapes, bytes per token) and recomputes (FLOPs); the strategies side by
 side (bytes, reduction against autograd, recompute as a fraction of training
 FLOPs); the device-memory breakdown. ``--png FILE`` draws the strategies and the
 breakdown (matplotlib, Agg backend); ``--json`` prints the same content as JSON.
+``--pareto [PNG]`` prints the whole model's saved bytes against recompute FLOPs
+over the prune pass's price sweep (``plan.json['memory']['pareto']``), the
+strategies marked where they lie on it, and with a path draws the curve.
 A file that is not a flexc plan (or is damaged) is a ``ValueError`` saying why.
 """
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 from flexc.ir.artifact import SCHEMA_VERSION
 
-__all__ = ["add_arguments", "main", "load_plan", "summarize", "format_tables", "write_png"]
+__all__ = ["add_arguments", "main", "load_plan", "summarize", "format_tables", "write_png", "format_pareto",
+           "write_pareto_png"]
 
 _GIB = 2**30
 
@@ -25,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", help="plan.json written by flexc compile")
     p.add_argument("--png", metavar="FILE", default=None, help="also draw strategies and device memory to FILE")
     p.add_argument("--json", action="store_true", help="print the tables as JSON instead of text")
+    p.add_argument("--pareto", nargs="?", const="", default=None, metavar="PNG",
+                   help="print saved bytes against recompute FLOPs over the compile's sweep of budgets; "
+                        "with a path also draw the curve to PNG")
 
 
 def load_plan(path: str) -> dict:
@@ -85,7 +92,7 @@ def summarize(plan: dict) -> dict:
     return {"model": plan.get("model", {}).get("name"), "seq_len": mem["seq_len"], "installed": installed,
             "regions": regions, "strategies": strategies, "breakdown": mem["breakdown"],
             "device_memory": mem.get("device_memory"), "kv_tokens_for_inference": mem.get("kv_tokens_for_inference"),
-            "kv_cache_bytes_per_token": mem.get("kv_cache_bytes_per_token")}
+            "kv_cache_bytes_per_token": mem.get("kv_cache_bytes_per_token"), "pareto": mem.get("pareto")}
 
 
 def _size(n: Any) -> str:
@@ -169,18 +176,82 @@ def write_png(s: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _on_curve(s: dict, point: dict) -> list[str]:
+    """Strategies whose whole-model bytes and recompute FLOPs are this curve point's."""
+    return [name for name, st in s["strategies"].items()
+            if (st["activation_bytes"], st["recompute_flops"]) == (point["activation_bytes"], point["recompute_flops"])]
+
+
+def format_pareto(s: dict) -> str:
+    """Text table of the whole model's saved bytes against recompute FLOPs, ascending in recompute."""
+    out = [f"saved bytes against recompute FLOPs of {s['model']} for one {s['seq_len']}-token finetuning sequence",
+           "(each row: every region's min cut at one bytes-per-FLOP price; more recompute never keeps more bytes)",
+           "", f"{'price B/FLOP':>21} {'activations':>12} {'bytes/token':>12} {'recompute':>14} {'of training':>12}"]
+    marked = set()
+    for p in reversed(s["pareto"]):
+        names = _on_curve(s, p)
+        marked.update(names)
+        price = f"{p['price_low']:.4g}-{p['price_high']:.4g}"
+        out.append(f"{price:>21} {_size(p['activation_bytes']):>12} {p['activation_bytes'] / s['seq_len']:>12.0f} "
+                   f"{_flops(p['recompute_flops']):>14} {100 * p['recompute_fraction']:>11.2f}%"
+                   + (f"  <- {', '.join(names)}" if names else ""))
+    for name, st in s["strategies"].items():
+        if name not in marked:
+            out.append(f"off the curve: {name} {_size(st['activation_bytes'])} for "
+                       f"{100 * (st['recompute_fraction'] or 0):.2f}% recompute")
+    out.append(f"installed: {s['installed']}")
+    return "\n".join(out)
+
+
+def write_pareto_png(s: dict, path: str) -> None:
+    """The curve (GiB kept against recompute as % of training FLOPs) with the strategies marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    xs = [100 * p["recompute_fraction"] for p in s["pareto"]]
+    ys = [p["activation_bytes"] / _GIB for p in s["pareto"]]
+    ax.plot(xs, ys, marker="o", markersize=3, color="#3182bd", label="min cut at one price (sweep)")
+    for name, st in s["strategies"].items():
+        x, y = 100 * (st["recompute_fraction"] or 0), st["activation_bytes"] / _GIB
+        ax.scatter([x], [y], s=40, zorder=3, label=f"{name} ({_size(st['activation_bytes'])})")
+    ax.set_xlabel("recompute, % of training FLOPs")
+    ax.set_ylabel("GiB kept for the backward")
+    ax.set_title(f"{os.path.basename(str(s['model']))}: one {s['seq_len']}-token sequence "
+                 f"(installed: {s['installed']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _check_out(path: str) -> None:
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"cannot write {path}: directory {out_dir} does not exist")
+
+
 def main(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     s = summarize(plan)
+    pareto = getattr(args, "pareto", None)
+    if pareto is not None and not s["pareto"]:
+        raise ValueError(f"{args.plan}: plan has no recompute sweep (memory.pareto); write it again with "
+                         "'flexc compile' (with LoRA)")
+    for path in (args.png, pareto):
+        if path:
+            _check_out(path)
     if args.png:
-        out_dir = os.path.dirname(os.path.abspath(args.png))
-        if not os.path.isdir(out_dir):
-            raise ValueError(f"cannot write {args.png}: directory {out_dir} does not exist")
         write_png(s, args.png)
+    if pareto:
+        write_pareto_png(s, pareto)
     if args.json:
         print(json.dumps(s, indent=2))
     else:
-        print(format_tables(s))
-        if args.png:
-            print(f"wrote {args.png}")
+        print(format_pareto(s) if pareto is not None else format_tables(s))
+        for path in (args.png, pareto):
+            if path:
+                print(f"wrote {path}")
     return 0

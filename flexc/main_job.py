@@ -31,6 +31,8 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
+from flexc.runtime.metrics import percentile
+
 if TYPE_CHECKING:
     from flexc.runtime.engine import Engine, GenerationResult
 
@@ -139,13 +141,6 @@ def evaluate(engine: "Engine", items: Sequence[dict], adapter: Optional[str], ma
     return score_answers(answers, [it["keyword"] for it in items]), answers
 
 
-def _pct(xs: Sequence[float], q: float) -> float:
-    if not xs:
-        return 0.0
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))]
-
-
 class Progress:
     """The live one-line display: rewritten in place on a terminal every ``every`` seconds; elsewhere (logs,
     pipes) a new line every ``every_pipe`` seconds."""
@@ -234,7 +229,7 @@ def _progress_line(now: float, stats: ServeStats, job, tpot_slo: float, ttft_slo
     res = stats.results
     tpots = [r.tpot for r in res]
     ok = sum(r.tpot <= tpot_slo and r.ttft <= ttft_slo for r in res)
-    line = (f"[{now:6.1f}s] {len(res) / max(now, 1e-9):4.2f} req/s  TPOT p50 {1000 * _pct(tpots, 50):5.0f} ms  "
+    line = (f"[{now:6.1f}s] {len(res) / max(now, 1e-9):4.2f} req/s  TPOT p50 {1000 * percentile(tpots, 50):5.0f} ms  "
             f"SLO {100 * ok / len(res) if res else 100:5.1f}%")
     if job is not None:
         loss = f"{job.loss_history[-1]:.3f}" if job.loss_history else "  -  "
@@ -273,7 +268,7 @@ def plot_throughput(history: Sequence[dict], path: str, *, bucket: float = 5.0, 
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Hide what libraries write to stderr (GGUF conversion progress bars) unless the block fails."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -317,7 +312,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _build_engine(*, dims=None, policy: str, tpot_slo: float, ttft_slo: float, latency_profile: str) -> "Engine":
     """One rank's engine (``dims`` None: the single-process engine); quiet unless it fails."""
     import flexc
-    with _quiet_stderr():
+    with quiet_stderr():
         return flexc.Engine.from_pretrained("smollm2-135m", lora=flexc.LoraSpec(r=16, alpha=32), policy=policy,
                                             tpot_slo=tpot_slo, ttft_slo=ttft_slo, token_budget=256,
                                             kv_cache_tokens=16384, latency_profile=latency_profile, dims=dims)
@@ -328,7 +323,7 @@ def main(args: argparse.Namespace) -> int:
 
     import torch
 
-    from flexc.compiler import model_shape
+    from flexc.ir.artifact import model_shape
     from flexc.models import resolve_model
     from flexc.passes.parallelize import check_tp
     from flexc.runtime.tp_engine import run_tp
@@ -395,8 +390,8 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
         "policy": args.policy, "tp": args.tp, "rate": args.rate, "duration_s": round(stats.wall, 1),
         "requests": {"submitted": stats.submitted, "finished": len(res), "aborted_at_end": stats.aborted,
                      "slo_attainment": ok / len(res) if res else None,
-                     "ttft_p50_s": _pct([r.ttft for r in res], 50), "ttft_p99_s": _pct([r.ttft for r in res], 99),
-                     "tpot_p50_s": _pct([r.tpot for r in res], 50), "tpot_p99_s": _pct([r.tpot for r in res], 99)},
+                     "ttft_p50_s": percentile([r.ttft for r in res], 50), "ttft_p99_s": percentile([r.ttft for r in res], 99),
+                     "tpot_p50_s": percentile([r.tpot for r in res], 50), "tpot_p99_s": percentile([r.tpot for r in res], 99)},
         "engine": m.to_dict(), "finetune": job.summary(),
         "loss_first_last": [job.loss_history[0], job.loss_history[-1]] if job.loss_history else None,
         "eval": {"before": acc_before, "after": acc_after,

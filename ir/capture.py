@@ -84,10 +84,14 @@ def _annotate(fw: fx.GraphModule, bw: Optional[fx.GraphModule]) -> None:
     out.meta["flexc_ref"] = [_output_ref(d) for d in out.meta["desc"]]
     if bw is None:
         return
+    weights = {p.name: p.meta["flexc_ref"] for p in fw.graph.find_nodes(op="placeholder")
+               if p.meta["flexc_ref"].kind in (InputKind.PARAM, InputKind.BUFFER)}
     for ph in bw.graph.find_nodes(op="placeholder"):
         d = ph.meta.get("desc")
-        ph.meta["flexc_ref"] = (_input_ref(d) if isinstance(d, _desc.TangentAOTInput)
-                                else InputRef(InputKind.SAVED, target=ph.name))
+        if isinstance(d, _desc.TangentAOTInput):
+            ph.meta["flexc_ref"] = _input_ref(d)
+        else:   # a weight the forward passes on is bound as that weight (any adapter's can be bound there)
+            ph.meta["flexc_ref"] = weights.get(ph.name, InputRef(InputKind.SAVED, target=ph.name))
     out = bw.graph.find_nodes(op="output")[0]
     out.meta["flexc_ref"] = [_output_ref(d) for d in out.meta["desc"]]
 

@@ -1,4 +1,4 @@
-"""Parallel tensor states of region graphs: placements, propagation rules, sharded graph copies.
+"""Propagation of parallel tensor states through region graphs.
 
 Every tensor of a region graph, on ``tp`` ranks, is in one of three states
 (the DTensor vocabulary):
@@ -37,427 +37,108 @@ import operator
 from typing import Any, Callable, Optional
 
 import sympy
-import torch
 import torch.fx as fx
 
-from flexc.ir.vocab import evaluate_at
 from flexc.ir.graph import NODE_INFO
-
-__all__ = ["Placement", "Replicate", "Shard", "Partial", "NoRuleError", "Redistribution", "Propagation",
-           "propagate", "tensor_args", "RULES"]
-
-_EVAL_TOKENS = 1009   # a prime: numeric stand-in for T where only shape structure matters
-
-
-@dataclasses.dataclass(frozen=True)
-class Replicate:
-    """Every rank holds the whole tensor."""
-
-    def to_dict(self) -> dict:
-        return {"type": "replicate"}
-
-    def __str__(self) -> str:
-        return "R"
-
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """Rank i holds chunk i of ``tp`` equal chunks along ``dim``."""
-
-    dim: int
-
-    def to_dict(self) -> dict:
-        return {"type": "shard", "dim": self.dim}
-
-    def __str__(self) -> str:
-        return f"S({self.dim})"
-
-
-@dataclasses.dataclass(frozen=True)
-class Partial:
-    """Every rank holds a full-size tensor; the value is the sum over ranks."""
-
-    def to_dict(self) -> dict:
-        return {"type": "partial", "reduce": "sum"}
-
-    def __str__(self) -> str:
-        return "P"
-
-
-Placement = Any   # Replicate | Shard | Partial, or a tuple of them for multi-output ops
-R, P = Replicate(), Partial()
-
-
-class NoRuleError(NotImplementedError):
-    """An op of a region graph has no placement rule (the message names the op)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Redistribution:
-    """One change of placement: ``src`` of ``producer``'s value becomes ``dst`` for ``consumers``.
-
-    ``consumers`` is empty for a producer-side change every use sees (eager reduction); a consumer
-    ``output.i`` is output i of the graph.
-    ``kind``: ``all_reduce``, ``all_gather``, ``chunk`` (local, free) or ``all_reduce+chunk``.
-    ``nbytes``: bytes each rank sends (ring algorithm), sympy in T.
-    """
-
-    producer: str
-    consumers: tuple[str, ...]
-    src: Placement
-    dst: Placement
-    kind: str
-    nbytes: sympy.Expr
-
-
-@dataclasses.dataclass
-class Propagation:
-    """Placements of one graph and the redistributions they need."""
-
-    placements: dict[str, Placement]
-    """Node name -> placement of the value the node makes available to its users."""
-    redistributions: list[Redistribution]
-    flops: sympy.Expr
-    """FLOPs each rank computes (sharded work divided by tp)."""
-
-    def comm_bytes(self, pred: Optional[Callable[[Redistribution], bool]] = None) -> sympy.Expr:
-        """Bytes each rank sends, summed over the redistributions ``pred`` accepts (all by default)."""
-        return sympy.Add(*[r.nbytes for r in self.redistributions if pred is None or pred(r)])
-
-
-# ------------------------------------------------------------------------------------------- shapes
-def _shape(n: Any) -> Optional[tuple]:
-    """Global sympy shape of a node's value (tuple outputs: None)."""
-    if not isinstance(n, fx.Node):
-        return None
-    val = n.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return None
-    info = n.meta.get(NODE_INFO)
-    if info is not None and info.shape is not None:
-        return info.shape
-    return tuple(sympy.Integer(int(s)) for s in val.shape)   # unannotated graph with static shapes
-
-
-def _numeric(shape: tuple) -> tuple[int, ...]:
-    return tuple(int(evaluate_at(s, _EVAL_TOKENS)) for s in shape)
-
-
-def _nbytes(n: fx.Node) -> sympy.Expr:
-    shape = _shape(n)
-    val = n.meta.get("val")
-    if shape is None or not isinstance(val, torch.Tensor):
-        return sympy.Integer(0)
-    return sympy.Mul(*shape) * val.element_size() if shape else sympy.Integer(val.element_size())
-
-
-# ------------------------------------------------------------------------------------------- rules
-@dataclasses.dataclass
-class _Ctx:
-    tp: int
-
-
-def _is_tensor(a: Any) -> bool:
-    return isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
-
-
-def tensor_args(n: fx.Node) -> list[fx.Node]:
-    """Tensor-valued node arguments of ``n`` in order (lists flattened, sym ints and scalars skipped)."""
-    out: list[fx.Node] = []
-    for a in list(n.args) + list(n.kwargs.values()):
-        if isinstance(a, (list, tuple)):
-            out.extend(x for x in a if _is_tensor(x))
-        elif _is_tensor(a):
-            out.append(a)
-    return out
-
-
-Option = tuple[tuple, Placement]   # (required placements of tensor_args, output placement)
-
-
-def _divisible(shape: tuple, dim: int, tp: int) -> bool:
-    size = sympy.sympify(shape[dim])
-    return bool(size.is_Integer) and int(size) % tp == 0
-
-
-def _pointwise(linear: str) -> Callable:
-    """Elementwise op with broadcasting; ``linear``: 'add' (all tensors Partial), 'scale' (one tensor, scalars),
-    or '' (Partial not allowed)."""
-    def rule(n: fx.Node, ins: list, ctx: _Ctx) -> list[Option]:
-        args = tensor_args(n)
-        out_shape = _shape(n)
-        opts: list[Option] = [(tuple(R for _ in args), R)]
-        if out_shape is None:
-            return opts
-        nd = len(out_shape)
-        dims = set()
-        for a, p in zip(args, ins):
-            if isinstance(p, Shard):
-                dims.add(p.dim + nd - len(_shape(a)))
-        for d in sorted(dims):
-            req = []
-            ok = _divisible(out_shape, d, ctx.tp)
-            for a in args:
-                s = _shape(a)
-                ad = d - (nd - len(s))
-                if ad < 0 or s[ad] == 1:
-                    req.append(R)
-                elif s[ad] == out_shape[d]:
-                    req.append(Shard(ad))
-                else:
-                    ok = False
-            if ok:
-                opts.append((tuple(req), Shard(d)))
-        if linear == "add" or (linear == "scale" and len(args) == 1):
-            opts.append((tuple(P for _ in args), P))
-        return opts
-    return rule
-
-
-def _mm(n: fx.Node, ins: list, ctx: _Ctx) -> list[Option]:
-    table = [((R, R), R), ((Shard(0), R), Shard(0)), ((R, Shard(1)), Shard(1)), ((Shard(1), Shard(0)), P),
-             ((P, R), P), ((R, P), P)]
-    if str(n.target) == "aten.addmm.default":   # addmm(bias[N], a[M,K], b[K,N]): bias follows the output's N
-        bias = {R: R, Shard(0): R, Shard(1): Shard(0)}
-        return [((bias[out], *req), out) for req, out in table if out in bias]
-    return table
-
-
-def _identity(n: fx.Node, ins: list, ctx: _Ctx) -> list[Option]:
-    """Placement passes through (clone, detach, dtype casts): any state, Partial included."""
-    p = ins[0] if ins else R
-    return [((p,), p), ((R,), R)]
-
-
-def _dim_map(n: fx.Node, ins: list, ctx: _Ctx, mapping: Callable[[int], Optional[int]], linear: bool = True
-             ) -> list[Option]:
-    """Ops that move dims of their first tensor input: ``mapping(in_dim) -> out_dim`` or None (not shardable)."""
-    p = ins[0]
-    opts: list[Option] = [((R,), R)]
-    if isinstance(p, Shard):
-        d = mapping(p.dim)
-        if d is not None:
-            opts.append(((p,), Shard(d)))
-    if linear:
-        opts.append(((P,), P))
-    return opts
-
-
-def _norm_dim(d: int, nd: int) -> int:
-    return d + nd if d < 0 else d
-
-
-def _transpose(n, ins, ctx):
-    nd = len(_shape(n.args[0]))
-    if str(n.target) == "aten.t.default":
-        a, b = 0, 1
-    else:
-        a, b = _norm_dim(n.args[1], nd), _norm_dim(n.args[2], nd)
-    return _dim_map(n, ins, ctx, lambda d: b if d == a else a if d == b else d)
-
-
-def _permute(n, ins, ctx):
-    nd = len(_shape(n.args[0]))
-    perm = [_norm_dim(d, nd) for d in n.args[1]]
-    return _dim_map(n, ins, ctx, lambda d: perm.index(d))
-
-
-def _unsqueeze(n, ins, ctx):
-    nd = len(_shape(n))
-    k = _norm_dim(n.args[1], nd)
-    return _dim_map(n, ins, ctx, lambda d: d + 1 if d >= k else d)
-
-
-def _squeeze(n, ins, ctx):
-    shape = _shape(n.args[0])
-    dims = n.args[1] if len(n.args) > 1 else [i for i, s in enumerate(shape) if s == 1]
-    dims = [_norm_dim(d, len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-    dims = [d for d in dims if shape[d] == 1]
-    return _dim_map(n, ins, ctx, lambda d: None if d in dims else d - sum(1 for x in dims if x < d))
-
-
-def _select(n, ins, ctx):
-    k = _norm_dim(n.args[1], len(_shape(n.args[0])))
-    return _dim_map(n, ins, ctx, lambda d: None if d == k else d - (d > k))
-
-
-def _slice(n, ins, ctx):
-    k = _norm_dim(n.args[1] if len(n.args) > 1 else 0, len(_shape(n.args[0])))
-    return _dim_map(n, ins, ctx, lambda d: None if d == k else d)
-
-
-def _expand(n, ins, ctx):
-    src, dst = _shape(n.args[0]), _shape(n)
-    lead = len(dst) - len(src)
-    return _dim_map(n, ins, ctx, lambda d: d + lead if src[d] == dst[d + lead] else None)
-
-
-def _view_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
-    """Pair up runs of dims with equal products (size-1 dims alone): [(src dims, dst dims), ...]."""
-    groups, i, j = [], 0, 0
-    while i < len(src) or j < len(dst):
-        if i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
-            groups.append(([i], [])); i += 1; continue
-        if j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
-            groups.append(([], [j])); j += 1; continue
-        gi, gj, pi, pj = [i], [j], src[i], dst[j]
-        i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj:
-                gi.append(i); pi *= src[i]; i += 1
-            else:
-                gj.append(j); pj *= dst[j]; j += 1
-        groups.append((gi, gj))
-    return groups
-
-
-def _view(n, ins, ctx):
-    src, dst = _numeric(_shape(n.args[0])), _numeric(_shape(n))
-
-    def mapping(d: int) -> Optional[int]:
-        for gi, gj in _view_groups(src, dst):
-            if d not in gi:
-                continue
-            first_in = next(x for x in gi if src[x] != 1)
-            outs = [x for x in gj if dst[x] != 1]
-            if d != first_in or not outs or dst[outs[0]] % ctx.tp:
-                return None
-            return outs[0]
-        return None
-    return _dim_map(n, ins, ctx, mapping)
-
-
-def _cat(n, ins, ctx):
-    k = _norm_dim(n.args[1] if len(n.args) > 1 else 0, len(_shape(n)))
-    opts: list[Option] = [(tuple(R for _ in ins), R), (tuple(P for _ in ins), P)]
-    for p in set(ins):
-        if isinstance(p, Shard) and p.dim != k:
-            opts.append((tuple(p for _ in ins), p))
-    return opts
-
-
-def _reduce(partial_ok: bool):
-    """sum/mean over ``dims``: a Shard on a reduced dim gives Partial (sum) or needs Replicate (mean)."""
-    def rule(n, ins, ctx):
-        shape = _shape(n.args[0])
-        dims = n.args[1] if len(n.args) > 1 and n.args[1] is not None else list(range(len(shape)))
-        dims = [_norm_dim(d, len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-        keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
-        opts: list[Option] = [((R,), R), ((P,), P)]
-        p = ins[0]
-        if isinstance(p, Shard):
-            if p.dim in dims:
-                if partial_ok:
-                    opts.append(((p,), P))
-            else:
-                opts.append(((p,), Shard(p.dim if keep else p.dim - sum(1 for x in dims if x < p.dim))))
-        return opts
-    return rule
-
-
-def _select_backward(n, ins, ctx):
-    k = _norm_dim(n.args[2], len(n.args[1]))
-    return _dim_map(n, ins, ctx, lambda d: d + (d >= k))
-
-
-def _slice_backward(n, ins, ctx):
-    k = _norm_dim(n.args[2], len(n.args[1]))
-    return _dim_map(n, ins, ctx, lambda d: None if d == k else d)
-
-
-def _attention(n, ins, ctx):
-    # attention(q[T,Hq,D], k[T,Hkv,D], v, cu, scale, window) -> (out[T,Hq,D], lse[Hq,T]): heads shard
-    q, k = _numeric(_shape(n.args[0])), _numeric(_shape(n.args[1]))
-    opts: list[Option] = [((R, R, R, R), (R, R))]
-    if q[1] % ctx.tp == 0 and k[1] % ctx.tp == 0:
-        opts.append(((Shard(1), Shard(1), Shard(1), R), (Shard(1), Shard(0))))
-    return opts
-
-
-def _attention_backward(n, ins, ctx):
-    # (dout, q, k, v, out, lse, cu[, dlse]) -> (dq, dk, dv)
-    extra = len(ins) - 7
-    opts: list[Option] = [((R,) * len(ins), (R, R, R))]
-    q, k = _numeric(_shape(n.args[1])), _numeric(_shape(n.args[2]))
-    if q[1] % ctx.tp == 0 and k[1] % ctx.tp == 0:
-        s = Shard(1)
-        opts.append(((s, s, s, s, s, Shard(0), R) + (Shard(0),) * extra, (s, s, s)))
-    return opts
-
-
-def _replicate_only(n, ins, ctx):
-    val = n.meta.get("val")
-    out = tuple(R for _ in val) if isinstance(val, (tuple, list)) else R
-    return [(tuple(R for _ in ins), out)]
-
-
-def _factory(n, ins, ctx):
-    return [(tuple(R for _ in ins), R)]
-
-
-_LINEAR_ADD = _pointwise("add")
-_SCALE = _pointwise("scale")
-_NONLINEAR = _pointwise("")
-
-RULES: dict[str, Callable[[fx.Node, list, _Ctx], list[Option]]] = {
-    "aten.mm.default": _mm, "aten.addmm.default": _mm,
-    "aten.add.Tensor": _LINEAR_ADD, "aten.sub.Tensor": _LINEAR_ADD,
-    "aten.mul.Tensor": _SCALE, "aten.mul.Scalar": _SCALE, "aten.div.Scalar": _SCALE, "aten.div.Tensor": _SCALE,
-    "aten.neg.default": _SCALE,
-    "aten.silu.default": _NONLINEAR, "aten.silu_backward.default": _NONLINEAR, "aten.pow.Tensor_Scalar": _NONLINEAR,
-    "aten.rsqrt.default": _NONLINEAR, "aten.cos.default": _NONLINEAR, "aten.sin.default": _NONLINEAR,
-    "aten.exp.default": _NONLINEAR, "aten.sigmoid.default": _NONLINEAR, "aten.relu.default": _NONLINEAR,
-    "aten.gelu.default": _NONLINEAR, "aten.tanh.default": _NONLINEAR,
-    "aten.clone.default": _identity, "aten.detach.default": _identity, "aten.alias.default": _identity,
-    "aten._to_copy.default": _identity,
-    "aten.t.default": _transpose, "aten.transpose.int": _transpose, "aten.permute.default": _permute,
-    "aten.view.default": _view, "aten._unsafe_view.default": _view, "aten.reshape.default": _view,
-    "aten.unsqueeze.default": _unsqueeze, "aten.squeeze.dim": _squeeze, "aten.squeeze.default": _squeeze,
-    "aten.select.int": _select, "aten.slice.Tensor": _slice, "aten.expand.default": _expand,
-    "aten.cat.default": _cat,
-    "aten.sum.dim_IntList": _reduce(True), "aten.mean.dim": _reduce(False),
-    "aten.select_backward.default": _select_backward, "aten.slice_backward.default": _slice_backward,
-    "flexc.attention.default": _attention, "flexc.attention_backward.default": _attention_backward,
-    "aten.embedding.default": _replicate_only, "aten._log_softmax.default": _replicate_only,
-    "aten._log_softmax_backward_data.default": _replicate_only, "aten.nll_loss_forward.default": _replicate_only,
-    "aten.nll_loss_backward.default": _replicate_only, "flexc.linear_cross_entropy.default": _replicate_only,
-    "aten.zeros.default": _factory, "aten.full.default": _factory, "aten.arange.start": _factory,
-    "aten.arange.default": _factory,
-}
-"""Op name (``str(node.target)``) -> rule: the options (input placements, output placement) it runs under."""
-
-_NO_PLACEMENT = {"aten.sym_size.int", "aten.sym_numel.default", "aten.sym_stride.int"}
-
-
-# ------------------------------------------------------------------------------------------- propagation
-def _redist(src: Placement, dst: Placement, nbytes: sympy.Expr, tp: int) -> Optional[tuple[str, sympy.Expr]]:
-    """(kind, bytes sent per rank) of turning src into dst, None if not possible."""
-    if src == dst:
-        return "", sympy.Integer(0)
-    ar = nbytes * sympy.Rational(2 * (tp - 1), tp)
-    ag = nbytes * sympy.Rational(tp - 1, tp)
-    if src == R and isinstance(dst, Shard):
-        return "chunk", sympy.Integer(0)
-    if isinstance(src, Shard) and dst == R:
-        return "all_gather", ag
-    if isinstance(src, Shard) and isinstance(dst, Shard):
-        return "all_gather+chunk", ag
-    if src == P and dst == R:
-        return "all_reduce", ar
-    if src == P and isinstance(dst, Shard):
-        return "all_reduce+chunk", ar
-    return None   # R -> P, S -> P: never needed
-
-
-def _redist_cost(src: Placement, dst: Placement, nbytes: float, tp: int) -> Optional[float]:
-    """Numeric bytes of :func:`_redist` (the propagation compares options with it)."""
-    if src == dst or (src == R and isinstance(dst, Shard)):
-        return 0.0
-    if isinstance(src, Shard) and (dst == R or isinstance(dst, Shard)):
-        return nbytes * (tp - 1) / tp
-    if src == P and (dst == R or isinstance(dst, Shard)):
-        return nbytes * 2 * (tp - 1) / tp
-    return None
+from flexc.ir.parallel_rules import NO_PLACEMENT, RULES, Ctx, is_tensor, node_nbytes, tensor_args
+from flexc.ir.placements import P, R, NoRuleError, Placement, Propagation, Redistribution, Shard, redistribution, \
+    redistribution_cost
+from flexc.ir.vocab import evaluate_at
+
+__all__ = ["propagate"]
+
+
+class _Propagator:
+    """One walk of :func:`propagate` over a graph: placements so far and the redistributions they need."""
+
+    def __init__(self, tp: int, tokens: int, cache: dict, eager_reduce: Callable[[fx.Node], bool],
+                 replicated: Callable[[fx.Node], bool]):
+        self.tp, self.tokens, self.cache = tp, tokens, cache
+        self.eager_reduce, self.replicated = eager_reduce, replicated
+        self.ctx = Ctx(tp)
+        self.pl: dict[str, Placement] = {}
+        self.redists: list[Redistribution] = []
+        self.index: dict[tuple[str, Any], int] = {}
+        self.full: list[sympy.Expr] = []
+        self.sharded: list[sympy.Expr] = []
+
+    def nbytes(self, a: fx.Node) -> tuple[sympy.Expr, float]:
+        key = ("bytes", a)
+        if key not in self.cache:
+            nb = node_nbytes(a)
+            self.cache[key] = (nb, evaluate_at(nb, self.tokens))
+        return self.cache[key]
+
+    def need(self, arg: fx.Node, dst: Placement, consumer: str) -> None:
+        """``consumer`` needs ``arg`` as ``dst``: record the redistribution (one per value and placement)."""
+        src = self.pl[arg.name]
+        if src == dst:
+            return
+        key = (arg.name, dst)
+        if key in self.index:          # one collective serves every consumer that wants the same placement
+            r = self.redists[self.index[key]]
+            self.redists[self.index[key]] = dataclasses.replace(r, consumers=r.consumers + (consumer,))
+            return
+        kind, nb = redistribution(src, dst, self.nbytes(arg)[0], self.tp)
+        self.index[key] = len(self.redists)
+        self.redists.append(Redistribution(arg.name, (consumer,), src, dst, kind, nb))
+
+    def outputs(self, n: fx.Node, want_of: Callable[[int, fx.Node], Optional[Placement]]) -> None:
+        for i, a in enumerate(n.args[0]):
+            want = want_of(i, a) if isinstance(a, fx.Node) else None
+            if want is not None and is_tensor(a):
+                if redistribution(self.pl[a.name], want, sympy.Integer(0), self.tp) is None:
+                    raise ValueError(f"output {i} ({a.name}) is {self.pl[a.name]}, cannot become {want}")
+                self.need(a, want, f"output.{i}")
+
+    def _options(self, n: fx.Node, target: str) -> tuple[list[fx.Node], list, list]:
+        rule = RULES.get(target)
+        if rule is None:
+            raise NoRuleError(f"no parallel placement rule for op {target} (node {n.name}); "
+                              f"add one to flexc.ir.parallel_rules.RULES")
+        args = self.cache.get(("args", n))
+        if args is None:
+            args = self.cache[("args", n)] = tensor_args(n)
+        ins = [self.pl[a.name] for a in args]
+        key = ("opts", n, tuple(ins))
+        options = self.cache.get(key)
+        if options is None:
+            options = self.cache[key] = rule(n, ins, self.ctx)
+        if self.replicated(n):
+            options = [(req, out) for req, out in options
+                       if all(p == R for p in req) and all(p == R for p in (out if isinstance(out, tuple) else (out,)))]
+        return args, ins, options
+
+    def op(self, n: fx.Node) -> None:
+        """Place one call node: the rule's option with the cheapest input redistribution (ties: listed first)."""
+        target = str(n.target)
+        args, ins, options = self._options(n, target)
+        best, best_cost = None, math.inf
+        for req, out in options:
+            cost = 0.0
+            for a, p, want in zip(args, ins, req):
+                c = 0.0 if p == want else redistribution_cost(p, want, self.nbytes(a)[1], self.tp)
+                if c is None:
+                    cost = math.inf
+                    break
+                cost += c
+            if cost < best_cost:
+                best, best_cost = (req, out), cost
+        if best is None:
+            raise NoRuleError(f"op {target} (node {n.name}): no option of its rule accepts inputs "
+                              f"{[str(p) for p in ins]}")
+        req, out = best
+        for a, want in zip(args, req):
+            self.need(a, want, n.name)
+        info = n.meta.get(NODE_INFO)
+        if info is not None and info.flops != 0:
+            split = any(isinstance(p, Shard) for p in req) or isinstance(out, Shard)
+            (self.sharded if split else self.full).append(info.flops)
+        if out == P and self.eager_reduce(n):
+            kind, nb = redistribution(P, R, self.nbytes(n)[0], self.tp)
+            self.redists.append(Redistribution(n.name, (), P, R, kind, nb))
+            out = R
+        self.pl[n.name] = out
 
 
 def propagate(gm: fx.GraphModule, inputs: dict[str, Placement], tp: int, *,
@@ -474,96 +155,19 @@ def propagate(gm: fx.GraphModule, inputs: dict[str, Placement], tp: int, *,
     ``replicated(node)``: the node computes on whole tensors only (the naive plan's adapters).
     ``cache``: a dict reused across calls on the same graph (rule options and byte counts per node).
     """
-    ctx = _Ctx(tp)
-    cache = {} if cache is None else cache
-
-    def nbytes(a: fx.Node) -> tuple[sympy.Expr, float]:
-        key = ("bytes", a)
-        if key not in cache:
-            nb = _nbytes(a)
-            cache[key] = (nb, evaluate_at(nb, tokens))
-        return cache[key]
-    pl: dict[str, Placement] = {}
-    redists: list[Redistribution] = []
-    index: dict[tuple[str, Any], int] = {}
-    full, sharded = [], []
-
-    def need(arg: fx.Node, dst: Placement, consumer: str) -> None:
-        src = pl[arg.name]
-        if src == dst:
-            return
-        key = (arg.name, dst)
-        if key in index:          # one collective serves every consumer that wants the same placement
-            r = redists[index[key]]
-            redists[index[key]] = dataclasses.replace(r, consumers=r.consumers + (consumer,))
-            return
-        kind, nb = _redist(src, dst, nbytes(arg)[0], tp)
-        index[key] = len(redists)
-        redists.append(Redistribution(arg.name, (consumer,), src, dst, kind, nb))
-
+    w = _Propagator(tp, tokens, {} if cache is None else cache, eager_reduce, replicated)
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            pl[n.name] = inputs.get(n.name, R) if _is_tensor(n) else None
-            continue
-        if n.op == "output":
+            w.pl[n.name] = inputs.get(n.name, R) if is_tensor(n) else None
+        elif n.op == "output":
             if outputs is not None:
-                for i, a in enumerate(n.args[0]):
-                    want = outputs(i, a) if isinstance(a, fx.Node) else None
-                    if want is not None and _is_tensor(a):
-                        if _redist(pl[a.name], want, sympy.Integer(0), tp) is None:
-                            raise ValueError(f"output {i} ({a.name}) is {pl[a.name]}, cannot become {want}")
-                        need(a, want, f"output.{i}")
-            continue
-        target = str(n.target)
-        if n.target is operator.getitem:
-            src = pl.get(n.args[0].name)
-            pl[n.name] = src[n.args[1]] if isinstance(src, tuple) else src
-            continue
-        if target in _NO_PLACEMENT:
-            pl[n.name] = None
-            continue
-        rule = RULES.get(target)
-        if rule is None:
-            raise NoRuleError(f"no parallel placement rule for op {target} (node {n.name}); "
-                              f"add one to flexc.ir.parallel.RULES")
-        args = cache.get(("args", n))
-        if args is None:
-            args = cache[("args", n)] = tensor_args(n)
-        ins = [pl[a.name] for a in args]
-        key = ("opts", n, tuple(ins))
-        options = cache.get(key)
-        if options is None:
-            options = cache[key] = rule(n, ins, ctx)
-        if replicated(n):
-            options = [(req, out) for req, out in options
-                       if all(p == R for p in req) and all(p == R for p in (out if isinstance(out, tuple) else (out,)))]
-        best, best_cost = None, math.inf
-        for req, out in options:
-            cost = 0.0
-            for a, p, want in zip(args, ins, req):
-                if p == want:
-                    continue
-                c = _redist_cost(p, want, nbytes(a)[1], tp)
-                if c is None:
-                    cost = math.inf
-                    break
-                cost += c
-            if cost < best_cost:
-                best, best_cost = (req, out), cost
-        if best is None:
-            raise NoRuleError(f"op {target} (node {n.name}): no option of its rule accepts inputs "
-                              f"{[str(p) for p in ins]}")
-        req, out = best
-        for a, want in zip(args, req):
-            need(a, want, n.name)
-        info = n.meta.get(NODE_INFO)
-        if info is not None and info.flops != 0:
-            split = any(isinstance(p, Shard) for p in req) or isinstance(out, Shard)
-            (sharded if split else full).append(info.flops)
-        if out == P and eager_reduce(n):
-            kind, nb = _redist(P, R, nbytes(n)[0], tp)
-            redists.append(Redistribution(n.name, (), P, R, kind, nb))
-            out = R
-        pl[n.name] = out
-    flops = sympy.Add(*full) + sympy.Add(*sharded) / tp
-    return Propagation(placements=pl, redistributions=redists, flops=flops)
+                w.outputs(n, outputs)
+        elif n.target is operator.getitem:
+            src = w.pl.get(n.args[0].name)
+            w.pl[n.name] = src[n.args[1]] if isinstance(src, tuple) else src
+        elif str(n.target) in NO_PLACEMENT:
+            w.pl[n.name] = None
+        else:
+            w.op(n)
+    flops = sympy.Add(*w.full) + sympy.Add(*w.sharded) / tp
+    return Propagation(placements=w.pl, redistributions=w.redists, flops=flops)

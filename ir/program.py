@@ -10,23 +10,46 @@ of the user inputs and that every token input has the same length.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from flexc.ir.vocab import InputRef, OutputRef
+from flexc.ir.vocab import InputKind, InputRef, OutputKind, OutputRef
 
-__all__ = ["RegionProgram"]
+__all__ = ["RegionProgram", "bind_inputs"]
+
+
+def bind_inputs(refs: Sequence[InputRef], module: nn.Module, other: Callable[[InputRef], Any],
+                overrides: Optional[Mapping[str, torch.Tensor]] = None) -> list[Any]:
+    """The value of every placeholder described by ``refs``: PARAM/BUFFER from ``module`` by FQN, everything
+    else from ``other(ref)``.
+
+    ``overrides`` maps a parameter FQN (inside the region) to the tensor bound instead of the module's own,
+    e.g. ``{"layer.self_attn.q_proj.lora_B.default.weight": that_adapters_B}`` (how the backward of a
+    finetuning sequence reads the adapter it trains).
+    """
+    vals = []
+    for r in refs:
+        if r.kind is InputKind.PARAM:
+            vals.append(overrides[r.target] if overrides is not None and r.target in overrides
+                        else module.get_parameter(r.target))
+        elif r.kind is InputKind.BUFFER:
+            vals.append(module.get_buffer(r.target))
+        else:
+            vals.append(other(r))
+    return vals
 
 
 class RegionProgram:
     """Executes one region's forward (and backward) graph.
 
     ``forward`` returns the region outputs and the values the backward needs
-    (``saved``); ``backward(saved, tangents)`` returns gradients keyed by the
-    parameter FQN inside the region and, for user inputs, by ``input<i>``.
+    (``saved``); ``backward(saved, tangents, module)`` returns gradients keyed by
+    the parameter FQN inside the region and, for user inputs, by ``input<i>``.
+    The weights the backward reads are bound from ``module`` (with ``overrides``,
+    e.g. the adapter a finetuning sequence trains), not saved by the forward.
     """
 
     def __init__(self, fw: fx.GraphModule, bw: Optional[fx.GraphModule], token_inputs: Sequence[int] = ()):
@@ -34,22 +57,23 @@ class RegionProgram:
         self.token_inputs = tuple(token_inputs)
         phs = fw.graph.find_nodes(op="placeholder")
         self.fw_inputs: list[InputRef] = [p.meta["flexc_ref"] for p in phs]
-        self._user_specs = {r.index: p.meta.get("val") for p, r in zip(phs, self.fw_inputs) if r.kind == "user"}
+        self._user_specs = {r.index: p.meta.get("val") for p, r in zip(phs, self.fw_inputs) if r.kind is InputKind.USER}
         out = fw.graph.find_nodes(op="output")[0]
         refs: list[OutputRef] = out.meta["flexc_ref"]
         names = [a.name if isinstance(a, fx.Node) else None for a in out.args[0]]
-        self.user_idx = [i for i, r in enumerate(refs) if r.kind == "user"]
+        self.user_idx = [i for i, r in enumerate(refs) if r.kind is OutputKind.USER]
         self.saved_idx: list[int] = []
-        self.bw_inputs: list[tuple[str, int]] = []
+        """Forward output index of each value the backward is passed (in the backward's order)."""
+        self.bw_inputs: list[InputRef] = []
+        """The backward's placeholders: SAVED (``index`` into the saved list), TANGENT or PARAM/BUFFER."""
         self.bw_outputs: list[OutputRef] = []
         if bw is not None:
             for p in bw.graph.find_nodes(op="placeholder"):
                 r: InputRef = p.meta["flexc_ref"]
-                if r.kind == "tangent":
-                    self.bw_inputs.append(("tangent", r.index))
-                else:
-                    self.bw_inputs.append(("saved", len(self.saved_idx)))
+                if r.kind is InputKind.SAVED:
+                    r = InputRef(InputKind.SAVED, target=r.target, index=len(self.saved_idx))
                     self.saved_idx.append(names.index(p.name))
+                self.bw_inputs.append(r)
             self.bw_outputs = bw.graph.find_nodes(op="output")[0].meta["flexc_ref"]
 
     def _check(self, args: Sequence[Any]) -> None:
@@ -69,24 +93,8 @@ class RegionProgram:
 
     def bind(self, module: nn.Module, args: Sequence[Any],
              overrides: Optional[Mapping[str, torch.Tensor]] = None) -> list[Any]:
-        """Placeholder values: parameters/buffers of ``module`` by FQN, then the user arguments.
-
-        ``overrides`` maps a parameter FQN (inside the region) to the tensor bound instead of the module's
-        own, e.g. ``{"layer.self_attn.q_proj.lora_B.default.weight": other_adapters_B}`` (how the runtime
-        runs one layer template with another adapter's weights).
-        """
-        vals = []
-        for r in self.fw_inputs:
-            if r.kind == "param":
-                if overrides is not None and r.target in overrides:
-                    vals.append(overrides[r.target])
-                    continue
-                vals.append(module.get_parameter(r.target))
-            elif r.kind == "buffer":
-                vals.append(module.get_buffer(r.target))
-            else:
-                vals.append(args[r.index])
-        return vals
+        """The forward's placeholder values: parameters/buffers of ``module``, then the user arguments."""
+        return bind_inputs(self.fw_inputs, module, lambda r: args[r.index], overrides)
 
     @torch.no_grad()
     def forward(self, module: nn.Module, args: Sequence[Any],
@@ -97,15 +105,20 @@ class RegionProgram:
         return [outs[i] for i in self.user_idx], [outs[i] for i in self.saved_idx]
 
     @torch.no_grad()
-    def backward(self, saved: Sequence[Any], tangents: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """Run the backward graph: gradients by parameter FQN and ``input<i>`` for user inputs."""
+    def backward(self, saved: Sequence[Any], tangents: Sequence[Any], module: nn.Module,
+                 overrides: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """Run the backward graph: gradients by parameter FQN and ``input<i>`` for user inputs.
+
+        ``module`` (with ``overrides``) provides the weights the backward reads, as in :meth:`bind`.
+        """
         assert self.bw is not None, "forward-only region"
-        ins = [saved[j] if kind == "saved" else tangents[j] for kind, j in self.bw_inputs]
+        ins = bind_inputs(self.bw_inputs, module,
+                          lambda r: saved[r.index] if r.kind is InputKind.SAVED else tangents[r.index], overrides)
         grads = self.bw(*ins)
         res: dict[str, torch.Tensor] = {}
         for g, r in zip(grads, self.bw_outputs):
-            if g is None or r.kind != "grad":
+            if g is None or r.kind is not OutputKind.GRAD:
                 continue
             of = r.of
-            res[of.target if of.kind == "param" else f"input{of.index}"] = g
+            res[of.target if of.kind is InputKind.PARAM else f"input{of.index}"] = g
         return res

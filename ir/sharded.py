@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from flexc.ir.parallel import Placement, Propagation, Redistribution, Shard
+from flexc.ir.placements import Placement, Propagation, Redistribution, Shard
 
 __all__ = ["make_sharded_graph", "collective_nodes", "bind_group", "local_chunk", "COLLECTIVE_OPS",
            "GROUP_PLACEHOLDER"]

@@ -8,11 +8,13 @@ against these without reaching up to ``flexc/``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Optional
 
 import torch
 
-__all__ = ["LoraSpec", "ModelSource", "KVCacheSpec", "LORA_TARGETS", "DTYPES", "parse_dtype", "dtype_name"]
+__all__ = ["LoraSpec", "ModelSource", "KVCacheSpec", "LORA_TARGETS", "DTYPES", "parse_dtype", "dtype_name",
+           "parse_bytes"]
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The projections of a Llama-style decoder layer a LoRA adapter may target."""
@@ -114,6 +116,22 @@ def parse_dtype(dtype: Any) -> torch.dtype:
     if dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+
+
+_BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "tb": 10**12, "b": 1, "": 1}
+
+
+def parse_bytes(value: Any, what: str = "size") -> float:
+    """A byte count: a number, or text with a unit (``'80GiB'``, ``'64KiB'``, ``'512MB'``, ``'65536'``).
+    Anything else is a ValueError naming ``what`` and the value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
+    if m is None or m.group(2).lower() not in _BYTE_UNITS:
+        raise ValueError(f"{what} {value!r}: expected a byte count with an optional unit "
+                         f"(e.g. 65536, 64KiB, 80GiB, 512MB)")
+    return float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -3,20 +3,18 @@
 Triton is optional: without it every op runs its torch reference. The backend is
 chosen per call from the tensors (:func:`use_triton`), in this one place:
 
-* ``FLEXC_KERNELS=auto`` (default): Triton for CUDA tensors of fp16/bf16/fp32,
-  the torch reference for everything else (CPU, fp64);
+* ``FLEXC_KERNELS=auto`` (default): Triton for CUDA tensors of fp16/bf16/fp32, an
+  op's fast CPU path for CPU tensors where it has one, the torch reference otherwise;
 * ``FLEXC_KERNELS=torch``: always the reference (debugging, benchmarks);
 * ``FLEXC_KERNELS=triton``: Triton on every device; on the CPU this needs
   ``TRITON_INTERPRET=1`` (tests run the kernels that way).
 
-Kernel bodies are plain functions in their modules; :func:`jit` applies
-``triton.jit`` at first launch, so ``TRITON_INTERPRET`` is honoured whenever it is
-set before the first launch, even if triton (or flexc) was imported earlier.
+Kernel bodies are plain functions in their modules, wrapped in :class:`Kernel`,
+which applies ``triton.jit`` at the first launch.
 """
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Callable
 
 import torch
@@ -29,7 +27,7 @@ except ImportError:  # triton is an optional dependency
     triton = None
     tl = None
 
-__all__ = ["triton_importable", "interpret_enabled", "use_triton", "jit", "make_tile_map", "dot_precision",
+__all__ = ["triton_importable", "interpret_enabled", "use_triton", "kernel_backend", "Kernel", "make_tile_map", "dot_precision",
            "next_pow2"]
 
 _ENV = "FLEXC_KERNELS"
@@ -61,57 +59,35 @@ def use_triton(t: Tensor) -> bool:
     return t.device.type == "cuda"
 
 
-_JITTED: dict[tuple[Callable, bool], Any] = {}
+def kernel_backend(t: Tensor) -> str:
+    """Which implementation an op whose main input is ``t`` runs: ``triton`` (see :func:`use_triton`),
+    ``cpu`` (the fast CPU path of the ops that have one) or ``torch`` (the references: ``FLEXC_KERNELS=torch``,
+    or any other device without Triton)."""
+    if use_triton(t):
+        return "triton"
+    if t.device.type == "cpu" and os.environ.get(_ENV, "auto").lower() != "torch":
+        return "cpu"
+    return "torch"
 
 
-def jit(fn: Callable) -> Any:
-    """``triton.jit(fn)``, built on first use and cached per interpreter mode; launch as ``jit(fn)[grid](...)``."""
-    interpret = interpret_enabled()
-    key = (fn, interpret)
-    if key not in _JITTED:
-        if triton is None:
-            raise RuntimeError("triton is not installed; the torch reference should have been used")
-        _JITTED[key] = _Interpreted(triton.jit(fn)) if interpret else triton.jit(fn)
-    return _JITTED[key]
+class Kernel:
+    """A Triton kernel body, jitted at its first launch: ``Kernel(body)[grid](*args)``.
 
-
-class _Interpreted:
-    """An interpreted kernel that leaves triton as it found it, and that also runs when
-    triton was imported before ``TRITON_INTERPRET=1`` was set (torch._dynamo imports
-    triton, so a test session usually does).
-
-    triton picks interpreted-or-compiled when ``@jit`` runs, so its own jitted helpers
-    (``tl.zeros``, ``tl.sum``, ...) are then compiled-mode objects the interpreter cannot
-    call: each launch swaps in interpreted twins. The interpreter also patches
-    ``triton.language`` while it runs and, for nested helper calls, never undoes it; every
-    launch restores those namespaces afterwards, so compiled-mode triton keeps working.
+    Jitting late means importing flexc never compiles anything, and a process that sets
+    ``TRITON_INTERPRET=1`` before it first imports triton runs the kernels in the CPU interpreter
+    (the test suite does so in ``tests/conftest.py`` when there is no GPU).
     """
 
-    _twins: dict[int, Any] = {}   # id(compiled-mode helper) -> interpreted twin
-
-    def __init__(self, kernel: Any) -> None:
-        self.kernel = kernel
+    def __init__(self, body: Callable) -> None:
+        self.body = body
+        self._jitted: Any = None
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
-        def launch(*args: Any, **kwargs: Any) -> None:
-            from triton.runtime.interpreter import InterpretedFunction
-            from triton.runtime.jit import JITFunction
-            modules = [sys.modules[m] for m in sorted(sys.modules)
-                       if m == "triton.language" or m.startswith("triton.language.")]
-            saved = [(ns, dict(vars(ns))) for ns in modules + [tl.tensor, tl.core.tensor_descriptor_base]]
-            for module in modules:
-                for attr, value in list(vars(module).items()):
-                    if isinstance(value, JITFunction):
-                        setattr(module, attr, self._twins.setdefault(id(value), InterpretedFunction(value.fn)))
-            try:
-                self.kernel[grid](*args, **kwargs)
-            finally:
-                # (names the interpreter added, e.g. its globals for rewritten helpers, stay)
-                for ns, attrs in saved:
-                    for attr, value in attrs.items():
-                        if vars(ns).get(attr) is not value:
-                            setattr(ns, attr, value)
-        return launch
+        if self._jitted is None:
+            if triton is None:
+                raise RuntimeError("triton is not installed; the torch reference should have been used")
+            self._jitted = triton.jit(self.body)
+        return self._jitted[grid]
 
 
 def dot_precision(dtype: torch.dtype) -> str:

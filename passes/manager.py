@@ -1,22 +1,26 @@
-"""Pass registry and pass manager.
+"""The pass manager: resolve passes by name, run a pipeline, record what each one did.
 
-A pass is a plain function ``(graph: CompiledGraph, ctx: PassContext) -> report``
-registered by name. The report is a dataclass (or a dict) saying what the pass
-found or changed; it goes to ``plan.json`` under ``passes[i].report``. Options
-reach a pass through ``ctx.options``, never through module globals.
+A pass is a plain function ``(graph: CompiledGraph, ctx: PassContext) -> report``.
+The report is a dataclass (or a dict) saying what the pass found or changed; it
+goes to ``plan.json`` under ``passes[i].report``. Options reach a pass through
+``ctx.options``, never through module globals.
 
-Passes come from three places, looked up in this order:
+A pipeline entry is a function (its name is ``flexc_name`` when :func:`define_pass`
+gave it one, else ``__name__``), a ``(name, function)`` pair, or a string looked up
+in this order:
 
-* built-ins and anything decorated with :func:`register_pass`;
-* ``module:function`` specs (``flexc compile --pass mypkg.passes:count_adapters``);
-* Python entry points in the group ``flexc.passes`` (name -> function).
+* a built-in name (:data:`BUILTIN_PASSES`);
+* ``module:function`` (``flexc compile --pass mypkg.passes:count_adapters``);
+* a Python entry point in the group ``flexc.passes`` (name -> function).
 
 Example::
 
-    @register_pass("count_lora")
+    @define_pass("count_lora")
     def count_lora(graph, ctx):
         n = sum(1 for r in graph.regions.values() for x in r.nodes() if ...)
         return {"modified": False, "lora_nodes": n}
+
+    flexc.compile("smollm2-135m", passes=[count_lora])
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import importlib
 import logging
 import time
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 from flexc.ir.artifact import PassRecord
 
@@ -34,12 +39,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PassContext", "PassError", "PassManager", "register_pass", "resolve_pass", "registered_passes",
+__all__ = ["PassContext", "PassError", "PassManager", "define_pass", "resolve_pass", "BUILTIN_PASSES",
            "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "flexc.passes"
 PassFn = Callable[["CompiledGraph", "PassContext"], Any]
-_REGISTRY: dict[str, PassFn] = {}
+PassSpec = Union[str, PassFn, tuple[str, PassFn]]
+BUILTIN_PASSES: Mapping[str, str] = MappingProxyType({
+    "prune": "flexc.passes.prune:prune",
+    "memory": "flexc.passes.memory:memory",
+    "parallelize": "flexc.passes.parallelize:parallelize",
+    "serve": "flexc.passes.serve:serve",
+})
+"""The built-in passes by name (``module:function``, imported when first used)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -56,61 +68,53 @@ class PassError(RuntimeError):
     """A pass failed; names the pass and the passes that ran before it."""
 
 
-def register_pass(name: str, *, requires: Sequence[str] = ()) -> Callable[[PassFn], PassFn]:
-    """Decorator: register ``fn`` under ``name``; ``requires`` lists passes that must have run first."""
+def define_pass(name: str, *, requires: Sequence[str] = ()) -> Callable[[PassFn], PassFn]:
+    """Decorator: name a pass and list the passes that must have run before it (checked by the manager)."""
     def deco(fn: PassFn) -> PassFn:
+        fn.flexc_name = name  # type: ignore[attr-defined]
         fn.flexc_requires = tuple(requires)  # type: ignore[attr-defined]
-        _REGISTRY[name] = fn
         return fn
     return deco
 
 
-def registered_passes() -> list[str]:
-    """Names of the passes registered in this process (built-ins included)."""
-    _load_builtins()
-    return sorted(_REGISTRY)
+def _import_function(spec: str) -> PassFn:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"pass {spec!r}: cannot import module {mod_name!r} ({e})") from e
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"pass {spec!r}: module {mod_name!r} has no function {fn_name!r}")
+    return fn
 
 
-def _load_builtins() -> None:
-    # built-in passes register themselves on import; imported lazily so the manager has no cycle
-    for mod in ("flexc.passes.builtin",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-def resolve_pass(spec: str) -> tuple[str, PassFn]:
-    """A pass name, ``module:function`` or entry-point name -> (name, function)."""
-    _load_builtins()
+def resolve_pass(spec: PassSpec) -> tuple[str, PassFn]:
+    """A pipeline entry (built-in name, ``module:function``, entry-point name, function or pair) ->
+    (name, function)."""
+    if isinstance(spec, tuple):
+        return spec
+    if callable(spec):
+        return getattr(spec, "flexc_name", getattr(spec, "__name__", "pass")), spec
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"pass must be a name or 'module:function', got {spec!r}")
-    if spec in _REGISTRY:
-        return spec, _REGISTRY[spec]
+        raise ValueError(f"pass must be a name, 'module:function' or a function, got {spec!r}")
+    if spec in BUILTIN_PASSES:
+        return spec, _import_function(BUILTIN_PASSES[spec])
     if ":" in spec:
-        mod_name, _, fn_name = spec.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise ValueError(f"pass {spec!r}: cannot import module {mod_name!r} ({e})") from e
-        fn = getattr(mod, fn_name, None)
-        if not callable(fn):
-            raise ValueError(f"pass {spec!r}: module {mod_name!r} has no function {fn_name!r}")
-        return fn_name, fn
+        fn = _import_function(spec)
+        return getattr(fn, "flexc_name", spec.partition(":")[2]), fn
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == spec:
             return spec, ep.load()
-    known = ", ".join(registered_passes()) or "none"
-    raise ValueError(f"unknown pass {spec!r}: not registered ({known}), not 'module:function', "
+    raise ValueError(f"unknown pass {spec!r}: not built in ({', '.join(BUILTIN_PASSES)}), not 'module:function', "
                      f"and no entry point in group {ENTRY_POINT_GROUP!r}")
 
 
 class PassManager:
     """Runs a pipeline of passes in order, recording each one's report and wall time."""
 
-    def __init__(self, passes: Sequence[str | tuple[str, PassFn]]):
-        self.passes: list[tuple[str, PassFn]] = [p if isinstance(p, tuple) else resolve_pass(p) for p in passes]
+    def __init__(self, passes: Sequence[PassSpec]):
+        self.passes: list[tuple[str, PassFn]] = [resolve_pass(p) for p in passes]
 
     def run(self, graph: "CompiledGraph", ctx: Optional[PassContext] = None) -> list[PassRecord]:
         ctx = ctx or PassContext()

@@ -29,12 +29,14 @@ from flexc.ir.graph import storage_root, value_bytes
 from flexc.ir.spec import KVCacheSpec, parse_dtype
 from flexc.ir.vocab import TOKEN_SYMBOL, evaluate_at, is_sym_node
 from flexc.ir.graph import CompiledGraph
-from flexc.passes.manager import PassContext, register_pass
-from flexc.passes.prune import STRATEGIES, PruneReport, RegionPlan
+from flexc.passes.manager import PassContext, define_pass
+from flexc.passes.joint import RegionPlan, SweepPoint
+from flexc.passes.prune import STRATEGIES, PruneReport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["memory", "MemoryReport", "StrategyMemory", "RegionMemory", "model_saved_bytes", "liveness_peak"]
+__all__ = ["memory", "MemoryReport", "StrategyMemory", "RegionMemory", "model_saved_bytes", "model_pareto",
+           "liveness_peak"]
 
 @dataclasses.dataclass(kw_only=True)
 class StrategyMemory:
@@ -100,6 +102,10 @@ class MemoryReport:
     breakdown: dict[str, int]
     """Device memory use by part (bytes): base weights, adapters, gradients, optimizer, activations,
     transient, the finetuning sequence's K/V, KV cache for inference, free."""
+    pareto: list[dict] = dataclasses.field(default_factory=list)
+    """Whole model at seq_len, ascending in price: each region's min cut at one common bytes-per-FLOP price
+    (from the prune pass's sweeps), as ``price_low``, ``price_high``, ``activation_bytes``, ``recompute_flops``,
+    ``recompute_fraction``. From the fewest bytes to ``pruned`` (no recompute)."""
 
 
 # ---------------------------------------------------------------------------------------------- predictions
@@ -131,6 +137,22 @@ def _model_flops(graph: CompiledGraph, plans: dict[str, dict[str, RegionPlan]], 
     for name, by_strategy in plans.items():
         total += len(templates.get(name, [0])) * getattr(by_strategy[strategy], attr)
     return sympy.expand(total)
+
+
+def model_pareto(graph: CompiledGraph, sweeps: dict[str, list[SweepPoint]], seq_len: int,
+                 train_flops: float) -> list[dict]:
+    """The whole model's saved-bytes / recompute-FLOPs curve: at every price where some region changes its
+    saved set, the sum over regions (layers multiplied, shared inputs once) of each region's min cut."""
+    prices = sorted({pt.price_low for pts in sweeps.values() for pt in pts})
+    out = []
+    for lo, hi in zip(prices, prices[1:] + [float("inf")]):
+        plans = {name: {"sweep": next(pt.plan for pt in pts if pt.price_low <= lo < pt.price_high)}
+                 for name, pts in sweeps.items()}
+        act = int(evaluate_at(model_saved_bytes(graph, plans, "sweep"), seq_len))
+        rec = evaluate_at(_model_flops(graph, plans, "sweep", "recompute_flops"), seq_len)
+        out.append({"price_low": lo, "price_high": hi, "activation_bytes": act, "recompute_flops": int(rec),
+                    "recompute_fraction": rec / train_flops if train_flops else 0.0})
+    return out
 
 
 def liveness_peak(gm: fx.GraphModule, nbytes: Any) -> tuple[sympy.Expr, int, int]:
@@ -168,7 +190,7 @@ def _sizer(region: Any, seq_len: int):
     return nbytes
 
 
-@register_pass("memory", requires=("prune",))
+@define_pass("memory", requires=("prune",))
 def memory(graph: CompiledGraph, ctx: PassContext) -> MemoryReport:
     """Memory plan from the prune pass's saved sets and the installed graphs."""
     prune: PruneReport = ctx.results["prune"]
@@ -233,4 +255,5 @@ def memory(graph: CompiledGraph, ctx: PassContext) -> MemoryReport:
                         adapter_parameters=adapters, adapter_weight_bytes=adapter_bytes,
                         adapter_grad_bytes=adapters * 4, optimizer_bytes=adapters * 8,
                         base_weight_bytes=base_weights, transient_peak_bytes=transient, device_memory=device,
-                        kv_tokens_for_inference=tokens, breakdown=breakdown)
+                        kv_tokens_for_inference=tokens, breakdown=breakdown,
+                        pareto=model_pareto(graph, prune.sweeps, seq_len, train_at) if plans else [])

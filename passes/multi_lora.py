@@ -15,12 +15,12 @@ does, with ONE adapter's ``lora_A``/``lora_B`` as graph parameters::
 so one call of the graph applies a different adapter to every segment of the
 flat batch (``kernels/lora.py`` has the op's contract). The two parameters of
 each branch are replaced by new placeholders, told apart by their
-``meta['flexc_ref']`` (an :class:`~flexc.ir.capture.InputRef` with one of the
-kinds below): ``lora_A_stack`` / ``lora_B_stack`` (``target`` is the replaced
-parameter's FQN in the region, e.g. ``layer.self_attn.q_proj.lora_A.default.weight``),
-``lora_scaling`` (``target`` is the linear, e.g. ``layer.self_attn.q_proj``;
+``meta['flexc_ref']`` (an :class:`~flexc.ir.vocab.InputRef`):
+``LORA_A_STACK`` / ``LORA_B_STACK`` (``target`` is the replaced parameter's FQN
+in the region, e.g. ``layer.self_attn.q_proj.lora_A.default.weight``),
+``LORA_SCALING`` (``target`` is the linear, e.g. ``layer.self_attn.q_proj``;
 fp32 ``[num_adapters]``, the graph's constant is in the report), and the two
-placeholders every branch shares, ``seg_starts`` and ``seg_adapter``.
+placeholders every branch shares, ``SEG_STARTS`` and ``SEG_ADAPTER``.
 
 The match is structural and strict: a LoRA parameter whose branch does not
 have this shape is a ``ValueError`` naming the linear and the node, never a
@@ -28,9 +28,10 @@ silent fallback. When the branch adds in a wider dtype than the base output
 (bf16 base, fp32 adapter), the base output is cast to that dtype first, so the
 sum is rounded once, as in the captured graph.
 
-It is not a registered compile pass: it rewrites the executor's inference
-copy of a forward graph (``runtime/executor.py``), while finetuning keeps the
-installed graphs, whose saved values and backward are per adapter.
+The ``serve`` pass (:mod:`flexc.passes.serve`) applies it to every layer template's
+forward graph; the ``prune`` pass asks :func:`branch_internals` which nodes exist
+only inside a branch, so that it never keeps one of them for the backward (the
+rewritten graph does not compute them).
 
 Invariant (tests/passes/test_multi_lora.py): the rewritten graph has exactly
 one ``flexc::lora`` node per adapted linear and no ``lora_A``/``lora_B``
@@ -48,22 +49,11 @@ import torch
 import torch.fx as fx
 
 import flexc.kernels.lora  # noqa: F401  (registers flexc::lora)
-from flexc.ir.vocab import InputRef
+from flexc.ir.vocab import InputKind, InputRef
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MultiLoraReport", "rewrite_multi_lora", "A_STACK", "B_STACK", "SCALING", "SEG_STARTS", "SEG_ADAPTER"]
-
-A_STACK = "lora_A_stack"
-"""Placeholder kind: ``[num_adapters, r, H_in]``, the stacked ``lora_A`` of the parameter named by ``target``."""
-B_STACK = "lora_B_stack"
-"""Placeholder kind: ``[num_adapters, H_out, r]``, the stacked ``lora_B`` of the parameter named by ``target``."""
-SCALING = "lora_scaling"
-"""Placeholder kind: fp32 ``[num_adapters]``, each adapter's scaling for the linear named by ``target``."""
-SEG_STARTS = "seg_starts"
-"""Placeholder kind: int32 ``[S+1]``, segment bounds of the flat batch (shared by every branch)."""
-SEG_ADAPTER = "seg_adapter"
-"""Placeholder kind: int32 ``[S]``, adapter index of each segment, -1 for none (shared by every branch)."""
+__all__ = ["MultiLoraReport", "rewrite_multi_lora", "branch_internals"]
 
 _aten = torch.ops.aten
 _VIEWS = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default}
@@ -140,6 +130,7 @@ class _Branch:
     def __init__(self, linear: str, a: fx.Node, b: fx.Node):
         self.linear, self.a, self.b = linear, a, b
         self.x = self.y = self.add = None
+        self.internal: list[fx.Node] = []
         self.y_views: list[fx.Node] = []
         self.scaling = 1.0
 
@@ -185,6 +176,7 @@ class _Branch:
         y = add.args[1] if add.args[0] is v else add.args[0]
         if not isinstance(y, fx.Node):
             raise self.fail(add, "the base output is not a tensor")
+        self.internal = _between(mm_a, add)
         y2d, self.y_views = _strip_views(y)
         val = y2d.meta.get("val")
         if isinstance(val, torch.Tensor) and val.dim() != 2:
@@ -206,6 +198,49 @@ class _Branch:
                 out = graph.call_function(view.target, (out, *view.args[1:]), dict(view.kwargs))
         add.replace_all_uses_with(out)
         graph.erase_node(add)
+        self._reroute_sizes(graph)
+
+    def _reroute_sizes(self, graph: fx.Graph) -> None:
+        """Sizes read from the removed nodes (``sym_size(x @ A.T, 0)``, the token count) are read from the branch
+        input instead, so nothing keeps the branch alive."""
+        tokens = self.x.meta.get("val").shape[0] if isinstance(self.x.meta.get("val"), torch.Tensor) else None
+        for n in self.internal:
+            for u in [u for u in n.users if _is_shape_use(u)]:
+                val = n.meta.get("val")
+                size = val.shape[u.args[1]] if isinstance(val, torch.Tensor) else None
+                if tokens is None or size is None or str(size) != str(tokens):
+                    raise self.fail(u, "a size other than the token count is read from inside the branch")
+                with graph.inserting_before(u):
+                    again = graph.call_function(_aten.sym_size.int, (self.x, 0))
+                again.meta.update(u.meta)
+                u.replace_all_uses_with(again)
+                graph.erase_node(u)
+
+
+def _between(first: fx.Node, stop: fx.Node) -> list[fx.Node]:
+    """The single-user chain from ``first`` (included) to ``stop`` (excluded): the nodes a branch computes
+    from x and its weights before its output joins the base output."""
+    chain, n = [], first
+    while n is not stop:
+        chain.append(n)
+        users = _value_users(n)
+        n = users[0]
+    return chain
+
+
+def _branches(graph: fx.Graph) -> list[_Branch]:
+    params = _lora_params(graph)
+    for linear, ab in params.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"multi_lora: {linear} has lora_{''.join(ab)} but not both lora_A and lora_B")
+    return [_Branch(linear, ab["A"], ab["B"]).match() for linear, ab in params.items()]
+
+
+def branch_internals(graph: fx.Graph) -> dict[str, list[str]]:
+    """Per adapted linear, the names of the nodes only its LoRA branch computes (``x @ A.T``, ``@ B.T``, the
+    scaling and their views), which the rewrite removes. ``graph`` is a forward graph whose only outputs are
+    the region's (nothing saved for a backward)."""
+    return {br.linear: [n.name for n in br.internal] for br in _branches(graph)}
 
 
 def _lora_params(graph: fx.Graph) -> dict[str, dict[str, fx.Node]]:
@@ -213,7 +248,7 @@ def _lora_params(graph: fx.Graph) -> dict[str, dict[str, fx.Node]]:
     found: dict[str, dict[str, fx.Node]] = {}
     for p in graph.find_nodes(op="placeholder"):
         ref = p.meta.get("flexc_ref")
-        if not isinstance(ref, InputRef) or ref.kind != "param":
+        if not isinstance(ref, InputRef) or ref.kind is not InputKind.PARAM:
             continue
         for part in ("A", "B"):
             key = f".lora_{part}."
@@ -231,30 +266,28 @@ def _placeholder(graph: fx.Graph, name: str, ref: InputRef) -> fx.Node:
 def rewrite_multi_lora(graph: fx.Graph) -> MultiLoraReport:
     """Replace every LoRA branch of ``graph`` (in place) by one ``flexc::lora`` call; see the module docstring.
 
-    ``graph`` is a forward graph whose placeholders carry ``meta['flexc_ref']`` (the executor's inference
-    copy of a layer template). A graph without LoRA parameters is left as it is (``modified=False``).
+    ``graph`` is a forward graph whose placeholders carry ``meta['flexc_ref']``; it may return saved values,
+    but none from inside a branch. A graph without LoRA parameters is left as it is (``modified=False``).
     """
     report = MultiLoraReport(num_nodes_before=len(graph.nodes))
-    params = _lora_params(graph)
-    for linear, ab in params.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"multi_lora: {linear} has lora_{''.join(ab)} but not both lora_A and lora_B")
-    if not params:
+    branches = _branches(graph)
+    if not branches:
         report.num_nodes_after = report.num_nodes_before
         return report
-    branches = [_Branch(linear, ab["A"], ab["B"]).match() for linear, ab in params.items()]
     last = graph.find_nodes(op="placeholder")[-1]
     with graph.inserting_after(last):
-        seg_adapter = _placeholder(graph, "seg_adapter", InputRef(SEG_ADAPTER))
+        seg_adapter = _placeholder(graph, "seg_adapter", InputRef(InputKind.SEG_ADAPTER))
     with graph.inserting_after(last):
-        seg_starts = _placeholder(graph, "seg_starts", InputRef(SEG_STARTS))
+        seg_starts = _placeholder(graph, "seg_starts", InputRef(InputKind.SEG_STARTS))
     for br in branches:
         with graph.inserting_after(br.b):
-            scaling = _placeholder(graph, f"{br.b.name}_scaling", InputRef(SCALING, br.linear))
+            scaling = _placeholder(graph, f"{br.b.name}_scaling", InputRef(InputKind.LORA_SCALING, br.linear))
         with graph.inserting_after(br.b):
-            b_stack = _placeholder(graph, f"{br.b.name}_stack", InputRef(B_STACK, br.b.meta["flexc_ref"].target))
+            b_stack = _placeholder(graph, f"{br.b.name}_stack", InputRef(InputKind.LORA_B_STACK,
+                                                                         br.b.meta["flexc_ref"].target))
         with graph.inserting_after(br.a):
-            a_stack = _placeholder(graph, f"{br.a.name}_stack", InputRef(A_STACK, br.a.meta["flexc_ref"].target))
+            a_stack = _placeholder(graph, f"{br.a.name}_stack", InputRef(InputKind.LORA_A_STACK,
+                                                                         br.a.meta["flexc_ref"].target))
         br.replace(graph, a_stack, b_stack, scaling, seg_starts, seg_adapter)
         report.linears.append(br.linear)
         report.scaling[br.linear] = br.scaling

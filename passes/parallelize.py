@@ -35,9 +35,10 @@ import torch.fx as fx
 
 from flexc.ir.vocab import evaluate_at
 from flexc.ir.graph import NODE_INFO
-from flexc.ir.parallel import Placement, Propagation, Replicate, Shard, propagate
+from flexc.ir.parallel import propagate
+from flexc.ir.placements import Placement, Propagation, Replicate, Shard
 from flexc.ir.sharded import collective_nodes, make_sharded_graph
-from flexc.passes.manager import register_pass
+from flexc.passes.manager import define_pass
 
 if TYPE_CHECKING:
     from flexc.ir.graph import CompiledGraph, RegionGraph
@@ -239,7 +240,12 @@ def evaluate_region(region: "RegionGraph", by_fqn: dict[str, Placement], tp: int
     bw_in = {}
     for p in region.bw.graph.find_nodes(op="placeholder"):
         ref = p.meta["flexc_ref"]
-        bw_in[p.name] = fw.placements.get(p.name, _R) if ref.kind == "saved" else _R
+        if ref.kind == "saved":
+            bw_in[p.name] = fw.placements.get(p.name, _R)
+        elif ref.kind == "param":                # NOTE: a weight the backward binds itself: as each rank holds it
+            bw_in[p.name] = by_fqn.get(ref.target, _R)
+        else:
+            bw_in[p.name] = _R
     grad_refs = region.bw.graph.find_nodes(op="output")[0].meta["flexc_ref"]
 
     def grad_placement(i: int, a: fx.Node) -> Optional[Placement]:
@@ -320,7 +326,7 @@ def _adapter_memory(region: "RegionGraph", proj: str, choice: AdapterChoice, tp:
 
 
 # ------------------------------------------------------------------------------------------- the pass
-@register_pass("parallelize")
+@define_pass("parallelize")
 def parallelize(graph: "CompiledGraph", ctx: "PassContext") -> ParallelizeReport:
     """Choose adapter placements under the base TP plan and build the sharded region graphs."""
     tp = ctx.options.get("tp", 1) or 1

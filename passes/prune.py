@@ -11,8 +11,9 @@ keeps by default:
   LoRA input, one per adapter) merged first;
 * cheap values are recomputed in the backward instead of kept. Which ones is a
   cost decision, not a list: a min cut over the forward graph minimises
-  ``saved bytes + price * recompute FLOPs``; the price is searched so that the
-  result fits the budget (``ctx.options['activation_budget']``).
+  ``saved bytes + price * recompute FLOPs``; every saved set some price selects
+  is found (the trade-off curve, :meth:`JointAnalysis.sweep`, reported as
+  ``sweeps``) and the budget (``ctx.options['activation_budget']``) picks one.
 
 Strategies (``STRATEGIES``), each a saved set for every trainable region:
 
@@ -39,90 +40,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from typing import Any, Optional
 
-import networkx as nx
 import sympy
-import torch
 import torch.fx as fx
 
 from flexc.ir.capture import partition_joint
-from flexc.ir.vocab import TOKEN_SYMBOL, CapturedRegion, evaluate_at, is_sym_node
-from flexc.ir.graph import (DECISION, CompiledGraph, Decision, RegionGraph, annotate, node_flops, storage_root,
-                            value_bytes)
-from flexc.passes.manager import PassContext, register_pass
+from flexc.ir.spec import parse_bytes
+from flexc.ir.graph import DECISION, CompiledGraph, Decision, RegionGraph, annotate, storage_root
+from flexc.ir.vocab import evaluate_at, is_sym_node
+from flexc.passes.joint import JointAnalysis, RegionPlan, SavedValue, SweepPoint
+from flexc.passes.manager import PassContext, define_pass
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["prune", "PruneReport", "RegionPlan", "SavedValue", "STRATEGIES", "DEFAULT_RECOMPUTE_FRACTION",
-           "JointAnalysis", "partition_region", "parse_budget"]
+__all__ = ["prune", "PruneReport", "STRATEGIES", "DEFAULT_RECOMPUTE_FRACTION", "partition_region", "parse_budget",
+           "parse_recompute_budget"]
 
 STRATEGIES = ("autograd", "checkpoint", "pruned", "pruned_remat")
 DEFAULT_RECOMPUTE_FRACTION = 0.2
 """Default recompute budget of ``activation_budget='auto'``: FLOPs recomputed per region, as a fraction of
 the region's forward+backward FLOPs (the issue's ceiling: recompute at most 20% of training FLOPs)."""
 
-_SHARED_INPUTS = {"layer": (1, 2, 3)}
-"""Region inputs every layer receives as the same tensor (cos, sin, cu_seqlens): counted once per model."""
-_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-_INF = math.inf
-
-
-@dataclasses.dataclass(kw_only=True)
-class SavedValue:
-    """One value a strategy keeps for the backward."""
-
-    name: str
-    """Node name in the joint graph (and in the forward/backward graphs)."""
-    shape: tuple
-    """Shape, the token dimension as ``T``."""
-    dtype: str
-    kind: str
-    """``activation``, ``input`` (a region input), ``shared`` (an input every layer shares), ``param``
-    (a weight or a view of one: costs nothing) or ``alias`` (a view of another saved value's storage)."""
-    nbytes: sympy.Expr
-    """Bytes this value adds (0 for params and aliases), sympy in T."""
-
-
-@dataclasses.dataclass(kw_only=True)
-class RegionPlan:
-    """One strategy for one region: what is saved and what is recomputed."""
-
-    strategy: str
-    saved: list[SavedValue]
-    saved_bytes: sympy.Expr
-    """Bytes held between this region's forward and backward (storages counted once, shared inputs and
-    weights excluded), sympy in T."""
-    shared_bytes: sympy.Expr
-    """Bytes of saved shared inputs (cos, sin, cu_seqlens): held once for the whole model."""
-    recompute_flops: sympy.Expr
-    """FLOPs of forward nodes computed again in the backward, sympy in T."""
-    train_flops: sympy.Expr
-    """Forward + backward FLOPs of the region without any recompute (the 100% for recompute fractions)."""
-    recomputed: list[str]
-    """Names of the recomputed forward nodes."""
-    first_layer_bytes: Optional[sympy.Expr] = None
-    """autograd only: saved bytes of the first decoder layer (its input needs no gradient), None elsewhere."""
-    price: Optional[float] = None
-    """pruned_remat only: the bytes-per-FLOP price of the min cut the budget chose."""
-
-    def to_dict(self, seq_len: int) -> dict:
-        def ev(e):
-            return evaluate_at(e, seq_len)
-        return {
-            "strategy": self.strategy,
-            "saved_bytes": str(self.saved_bytes), "saved_bytes_per_token": ev(self.saved_bytes) / seq_len,
-            "shared_bytes": str(self.shared_bytes),
-            "recompute_flops": str(self.recompute_flops), "recompute_flops_at_seq_len": ev(self.recompute_flops),
-            "train_flops": str(self.train_flops), "train_flops_at_seq_len": ev(self.train_flops),
-            "first_layer_bytes": None if self.first_layer_bytes is None else str(self.first_layer_bytes),
-            "price": self.price,
-            "num_recomputed": len(self.recomputed),
-            "saved": [{"name": s.name, "shape": [_dim(d) for d in s.shape], "dtype": s.dtype, "kind": s.kind,
-                       "bytes": str(s.nbytes), "bytes_per_token": ev(s.nbytes) / seq_len}
-                      for s in self.saved if s.kind != "param"],
-        }
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -140,18 +79,16 @@ class PruneReport:
     """False when even full checkpointing keeps more than a byte budget allows."""
     regions: dict[str, dict[str, RegionPlan]]
     """Region name -> strategy -> plan."""
+    sweeps: dict[str, list[SweepPoint]] = dataclasses.field(default_factory=dict)
+    """Region name -> every saved set some price selects (:meth:`JointAnalysis.sweep`), ascending in price:
+    saved bytes against recompute FLOPs from the fewest bytes to ``pruned``."""
 
     def to_dict(self) -> dict:
         return {"modified": self.modified, "budget": self.budget, "recompute_budget": self.recompute_budget,
                 "seq_len": self.seq_len, "installed": self.installed, "budget_met": self.budget_met,
                 "regions": {r: {s: p.to_dict(self.seq_len) for s, p in plans.items()}
-                            for r, plans in self.regions.items()}}
-
-
-def _dim(d: Any) -> str:
-    """A dimension for reports: T stays T; any other symbol is the sequence-start count N+1."""
-    e = sympy.sympify(d)
-    return str(e.xreplace({s: sympy.Symbol("N+1") for s in e.free_symbols if s != TOKEN_SYMBOL}))
+                            for r, plans in self.regions.items()},
+                "sweeps": {r: [p.to_dict(self.seq_len) for p in pts] for r, pts in self.sweeps.items()}}
 
 
 def parse_budget(value: Any) -> tuple[str, Optional[float]]:
@@ -160,266 +97,28 @@ def parse_budget(value: Any) -> tuple[str, Optional[float]]:
         return "auto", None
     if value in ("max", "min"):
         return value, None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        num = float(value)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
-        if not m or m.group(2).lower() not in ("", *_UNITS):
-            raise ValueError(f"activation_budget {value!r}: expected 'max', 'min', 'auto' or bytes per token "
-                             "(e.g. 65536 or '64KiB')")
-        num = float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1)
-    else:
-        raise ValueError(f"activation_budget {value!r}: expected 'max', 'min', 'auto' or bytes per token")
+    try:
+        num = parse_bytes(value, "activation_budget")
+    except ValueError as e:
+        raise ValueError(f"{e}; or 'max', 'min', 'auto'") from None
     if not num > 0:
         raise ValueError(f"activation_budget must be positive bytes per token, got {value!r}")
     return "bytes", num
 
 
-# ---------------------------------------------------------------------------------------------- analysis
-def _tensor_val(n: fx.Node) -> Optional[torch.Tensor]:
-    v = n.meta.get("val")
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _freeze(x: Any) -> Any:
-    if isinstance(x, fx.Node):
-        return x
-    if isinstance(x, (list, tuple)):
-        return tuple(_freeze(a) for a in x)
-    if isinstance(x, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+def parse_recompute_budget(value: Any) -> float:
+    """A recompute budget: a fraction of training FLOPs in [0, 1] (``0.3``, ``"0.3"`` or ``"30%"``)."""
+    text = value.strip() if isinstance(value, str) else value
     try:
-        hash(x)
-        return (type(x), x)
-    except TypeError:
-        return repr(x)
-
-
-def _cse_copy(joint: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the joint graph with identical deterministic forward nodes merged (same names otherwise).
-
-    Merges PEFT's per-adapter ``x.to(fp32)`` copies of one LoRA input (q, k and v each make one).
-    """
-    g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    rv, old_out = g.graph_copy(joint.graph, env, return_output_node=True)
-    out = g.output(rv)
-    out.meta = dict(old_out.meta)
-    seen: dict[Any, fx.Node] = {}
-    for n in list(g.nodes):
-        if n.op != "call_function" or n.meta.get("partitioner_tag") != "is_forward":
-            continue
-        tags = getattr(n.target, "tags", ())
-        name = str(n.target).split(".")
-        if torch.Tag.nondeterministic_seeded in tags or (len(name) > 1 and name[1].endswith("_")):
-            continue
-        key = (n.target, _freeze(n.args), _freeze(n.kwargs))
-        if key in seen:
-            n.replace_all_uses_with(seen[key])
-            g.erase_node(n)
-        else:
-            seen[key] = n
-    return fx.GraphModule(joint, g)
-
-
-class JointAnalysis:
-    """Needed set, sizes and FLOPs of one region's joint graph (optionally with identical nodes merged)."""
-
-    def __init__(self, region: RegionGraph, seq_len: int, *, merge: bool):
-        cap = region.captured
-        assert cap.joint is not None, f"region {region.name} has no joint graph"
-        self.region, self.seq_len = region, seq_len
-        self.kind = region.name.split(".")[0]
-        self.joint = _cse_copy(cap.joint) if merge else cap.joint
-        self.captured: CapturedRegion = dataclasses.replace(cap, joint=self.joint)
-        g = self.joint.graph
-        self.nodes = list(g.nodes)
-        self.order = {n: i for i, n in enumerate(self.nodes)}
-        self.primals = [p for p in g.find_nodes(op="placeholder") if p.meta.get("partitioner_tag") != "is_backward"
-                        and "tangent" not in p.name]
-        fw_refs = {p.name: p.meta.get("flexc_ref") for p in cap.fw.graph.find_nodes(op="placeholder")}
-        self.refs = {p: fw_refs.get(p.name) or p.meta.get("flexc_ref") for p in self.primals}
-        self.fwd = {n for n in self.nodes if n.op == "placeholder" and n in self.refs
-                    or n.op == "call_function" and n.meta.get("partitioner_tag") == "is_forward"}
-        out = g.find_nodes(op="output")[0]
-        self.fwd_outputs = [a for a in out.args[0][:cap.num_fwd_outputs] if isinstance(a, fx.Node)]
-        self.grad_outputs = list(out.args[0][cap.num_fwd_outputs:])
-        self.fwd_names = {n.name for n in self.fwd}
-        self._bytes: dict[fx.Node, sympy.Expr] = {}
-        self._flops: dict[fx.Node, sympy.Expr] = {}
-        self._net: Optional[tuple] = None
-        self._train: dict[frozenset, sympy.Expr] = {}
-
-    # ---- sizes
-    def nbytes(self, n: fx.Node) -> sympy.Expr:
-        if n not in self._bytes:
-            self._bytes[n] = value_bytes(n, self.captured)
-        return self._bytes[n]
-
-    def flops(self, n: fx.Node) -> sympy.Expr:
-        if n not in self._flops:
-            self._flops[n] = node_flops(n, self.captured) if n.op == "call_function" else sympy.Integer(0)
-        return self._flops[n]
-
-    def storage_kind(self, root: fx.Node) -> str:
-        ref = self.refs.get(root)
-        if ref is None:
-            return "activation"
-        if ref.kind in ("param", "buffer"):
-            return "param"
-        return "shared" if ref.index in _SHARED_INPUTS.get(self.kind, ()) else "input"
-
-    # ---- what the backward reads
-    def needed(self, input_grads: bool = True) -> set[fx.Node]:
-        """Forward values (tensors) the backward reads; without ``input_grads`` the region-input gradients
-        are not computed (the first decoder layer: the frozen embedding needs no gradient)."""
-        keep = []
-        for p, gnode in zip(self.primals, self.grad_outputs):
-            if not isinstance(gnode, fx.Node):
-                continue
-            ref = self.refs.get(p)
-            if not input_grads and ref is not None and ref.kind == "user":
-                continue
-            keep.append(gnode)
-        need: set[fx.Node] = set()
-        seen: set[fx.Node] = set()
-        stack = list(keep)
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n in self.fwd:
-                need.add(n)
-                continue
-            stack.extend(n.all_input_nodes)
-        return {n for n in need if not is_sym_node(n)}
-
-    def backward_nodes(self) -> set[fx.Node]:
-        """Backward nodes that compute a kept gradient."""
-        seen: set[fx.Node] = set()
-        stack = [g for g in self.grad_outputs if isinstance(g, fx.Node)]
-        while stack:
-            n = stack.pop()
-            if n in seen or n in self.fwd:
-                continue
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-        return seen
-
-    def recompute_closure(self, saved: set[fx.Node], need: set[fx.Node]) -> set[fx.Node]:
-        """Forward nodes the backward must compute again when only ``saved`` (and sym ints) are kept."""
-        rec: set[fx.Node] = set()
-        stack = [n for n in need if n not in saved]
-        while stack:
-            n = stack.pop()
-            if n in rec or n in saved or is_sym_node(n):
-                continue
-            assert n.op != "placeholder", f"region input {n.name} is needed but not saved"
-            rec.add(n)
-            stack.extend(n.all_input_nodes)
-        return rec
-
-    def train_flops(self, need: set[fx.Node]) -> sympy.Expr:
-        """Forward + backward FLOPs without recompute (forward work for the outputs and ``need``)."""
-        key = frozenset(need)
-        if key not in self._train:
-            self._train[key] = self._train_flops(need)
-        return self._train[key]
-
-    def _train_flops(self, need: set[fx.Node]) -> sympy.Expr:
-        fwd_live: set[fx.Node] = set()
-        stack = list(self.fwd_outputs) + list(need)
-        while stack:
-            n = stack.pop()
-            if n in fwd_live:
-                continue
-            fwd_live.add(n)
-            stack.extend(a for a in n.all_input_nodes if a in self.fwd)
-        total = sum((self.flops(n) for n in fwd_live | self.backward_nodes()), sympy.Integer(0))
-        return sympy.expand(total)
-
-    def plan(self, strategy: str, saved: set[fx.Node], need: set[fx.Node],
-             **extra: Any) -> tuple[RegionPlan, list[fx.Node], set[fx.Node]]:
-        """Alias-aware accounting of a saved set: (plan, the saved nodes actually read, recomputed nodes)."""
-        rec = self.recompute_closure(saved, need)
-        used = {a for n in rec for a in n.all_input_nodes} | need
-        kept = sorted((n for n in saved if n in used and not is_sym_node(n)), key=self.order.__getitem__)
-        values, roots = [], set()
-        private, shared = sympy.Integer(0), sympy.Integer(0)
-        for n in kept:
-            root = storage_root(n)
-            kind = self.storage_kind(root)
-            nb = sympy.Integer(0)
-            if kind != "param" and root in roots:
-                kind = "alias"
-            elif kind != "param":
-                roots.add(root)
-                nb = self.nbytes(root)
-                if kind == "shared":
-                    shared += nb
-                else:
-                    private += nb
-            v = _tensor_val(n)
-            values.append(SavedValue(name=n.name, shape=tuple(self.captured.to_token_expr(d) for d in v.shape)
-                                     if v is not None else (), dtype=str(v.dtype).replace("torch.", "")
-                                     if v is not None else "", kind=kind, nbytes=nb))
-        return RegionPlan(strategy=strategy, saved=values, saved_bytes=sympy.expand(private),
-                          shared_bytes=sympy.expand(shared),
-                          recompute_flops=sympy.expand(sum((self.flops(n) for n in rec), sympy.Integer(0))),
-                          train_flops=self.train_flops(need), recomputed=sorted(n.name for n in rec),
-                          **extra), kept, rec
-
-    # ---- min cut
-    def min_cut(self, need: set[fx.Node], price: Optional[float]) -> set[fx.Node]:
-        """Saved set minimising ``bytes + price * recompute FLOPs`` at T = seq_len (price None: only
-        zero-FLOP ops, views, may be recomputed)."""
-        if self._net is None or self._net[0] != need:
-            self._net = (set(need), *self._build_net(need))
-        _, net, costs, members = self._net
-        for n, f in costs.items():          # only the price-dependent edges change between calls
-            edge = net["src"][(n, "in")]
-            if price is None:
-                edge.pop("capacity", None)      # no capacity: infinite
-            else:
-                edge["capacity"] = price * f
-        _, (src_side, _) = nx.minimum_cut(net, "src", "sink")
-        return {n for n in members if (n, "in") in src_side and (n, "out") not in src_side}
-
-    def _build_net(self, need: set[fx.Node]) -> tuple[nx.DiGraph, dict, set]:
-        members: set[fx.Node] = set()
-        stack = list(need)
-        while stack:
-            n = stack.pop()
-            if n in members or is_sym_node(n):
-                continue
-            members.add(n)
-            stack.extend(n.all_input_nodes)
-        net = nx.DiGraph()
-        costs: dict[fx.Node, float] = {}
-        size = max(len(self.nodes), 1)
-        for n in members:
-            val = n.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                root = storage_root(n)
-                save = 0.0 if self.storage_kind(root) == "param" else evaluate_at(self.nbytes(root), self.seq_len)
-                net.add_edge((n, "in"), (n, "out"), capacity=save)
-            else:
-                net.add_edge((n, "in"), (n, "out"))          # a tuple of outputs cannot be saved as such
-            if n.op == "placeholder" or torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ()):
-                net.add_edge("src", (n, "in"))
-            else:
-                # NOTE: ties (every K=hidden matmul has the same bytes per FLOP) are broken towards earlier nodes
-                cost = evaluate_at(self.flops(n), self.seq_len) * (1 + 0.05 * self.order[n] / size)
-                if cost > 0:                 # zero-FLOP ops (views) are free to recompute: no source edge
-                    costs[n] = cost
-                    net.add_edge("src", (n, "in"), capacity=0.0)
-            for u in n.users:
-                if u in members:
-                    net.add_edge((n, "out"), (u, "in"))
-            if n in need:
-                net.add_edge((n, "out"), "sink")
-        return net, costs, members
+        if isinstance(text, bool):
+            raise TypeError
+        frac = float(text[:-1]) / 100 if isinstance(text, str) and text.endswith("%") else float(text)
+    except (TypeError, ValueError):
+        frac = math.nan
+    if not 0 <= frac <= 1:
+        raise ValueError(f"recompute_budget {value!r}: expected a fraction of training FLOPs in [0, 1] "
+                         "(e.g. 0.3 or '30%')")
+    return frac
 
 
 # ---------------------------------------------------------------------------------------------- strategies
@@ -451,40 +150,22 @@ def _remat(an: JointAnalysis, need: set[fx.Node], budget: tuple[str, Optional[fl
     if mode == "min":
         plan, kept = _strategy(an, "checkpoint", need, budget, fraction)
         return dataclasses.replace(plan, strategy="pruned_remat"), kept
-    points = []          # (price, plan, kept)
+    points = an.sweep(need)         # ascending in price: bytes rise, recompute falls
 
-    def at(price: float):
-        plan, kept, _ = an.plan("pruned_remat", an.min_cut(need, price), need, price=price)
-        points.append((price, plan, kept))
-        return plan
-
-    train = evaluate_at(an.train_flops(need), an.seq_len)
-
-    def ok(plan: RegionPlan) -> bool:
-        if mode == "bytes":
-            return evaluate_at(plan.saved_bytes, an.seq_len) / an.seq_len <= limit
-        return evaluate_at(plan.recompute_flops, an.seq_len) <= fraction * train
-
-    # bisection on log(price): a higher price recomputes less (nested min cuts); find the edge of `ok`
-    lo, hi = math.log(1e-9), math.log(1e3)
-    if mode == "bytes" and not ok(at(math.exp(lo))):
-        best = min(points, key=lambda p: evaluate_at(p[1].saved_bytes, an.seq_len))
-        best[1].price = None
-        return best[1], best[2]
-    # NOTE: the tolerance must resolve the tie-breaking spread of equal-ratio nodes (see _build_net)
-    while hi - lo > 1e-5:
-        mid = (lo + hi) / 2
-        plan = at(math.exp(mid))
-        if (mode == "bytes") == ok(plan):
-            lo = mid
-        else:
-            hi = mid
-    good = [p for p in points if ok(p[1])] or [max(points, key=lambda p: p[0])]
+    def at(e: sympy.Expr) -> float:
+        return evaluate_at(e, an.seq_len)
     if mode == "bytes":
-        price, plan, kept = min(good, key=lambda p: (evaluate_at(p[1].recompute_flops, an.seq_len), -p[0]))
+        fits = [p for p in points if at(p.plan.saved_bytes) / an.seq_len <= limit]
+        if not fits:                # even the fewest bytes exceed the budget: take them (budget_met False)
+            return dataclasses.replace(points[0].plan, price=None), points[0].kept
+        best = min(fits, key=lambda p: (at(p.plan.recompute_flops), -p.price_low))
     else:
-        price, plan, kept = min(good, key=lambda p: (evaluate_at(p[1].saved_bytes, an.seq_len), -p[0]))
-    return plan, kept
+        # NOTE: the no-recompute end still recomputes what only a LoRA branch computes (never saved): the budget
+        # is on top of that
+        train, forced = at(an.train_flops(need)), at(points[-1].plan.recompute_flops)
+        best = min((p for p in points if at(p.plan.recompute_flops) <= fraction * train + forced),
+                   key=lambda p: (at(p.plan.saved_bytes), -p.price_low))
+    return dataclasses.replace(best.plan, price=best.price), best.kept
 
 
 def _autograd_head(an: JointAnalysis, plan: RegionPlan) -> RegionPlan:
@@ -525,7 +206,13 @@ def partition_region(region: RegionGraph, strategy: str, seq_len: int, budget: A
 
 def _partition(an: JointAnalysis, kept: list[fx.Node], recomputed: set[str]):
     syms = [n for n in an.nodes if n in an.fwd and is_sym_node(n)]
-    fw, bw = partition_joint(an.captured, list(kept), syms)
+    # NOTE: a weight (or a view of one) is never passed as a saved value: the backward reads the parameter
+    # itself (capture binds it by name) and redoes the free views, so any adapter's weights can be bound there
+    passed: dict[fx.Node, None] = {}
+    for n in kept:
+        root = storage_root(n)
+        passed[root if an.storage_kind(root) == "param" else n] = None
+    fw, bw = partition_joint(an.captured, list(passed), syms)
     saved = {ph.name for ph in bw.graph.find_nodes(op="placeholder") if ph.meta["flexc_ref"].kind == "saved"}
     for gm, phase in ((fw, "forward"), (bw, "backward")):
         for n in gm.graph.nodes:
@@ -540,16 +227,15 @@ def _partition(an: JointAnalysis, kept: list[fx.Node], recomputed: set[str]):
     return fw, bw
 
 
-@register_pass("prune")
+@define_pass("prune")
 def prune(graph: CompiledGraph, ctx: PassContext) -> PruneReport:
     """Partition every trainable region for each strategy; install the one the budget selects."""
     budget = parse_budget(ctx.options.get("activation_budget"))
-    fraction = float(ctx.options.get("recompute_budget", DEFAULT_RECOMPUTE_FRACTION))
-    if not 0 <= fraction <= 10:
-        raise ValueError(f"recompute_budget must be a fraction of training FLOPs in [0, 10], got {fraction!r}")
+    fraction = parse_recompute_budget(ctx.options.get("recompute_budget", DEFAULT_RECOMPUTE_FRACTION))
     seq_len = int(ctx.options.get("seq_len", 2048))
     install = {"max": "pruned", "min": "checkpoint"}.get(budget[0], "pruned_remat")
     plans: dict[str, dict[str, RegionPlan]] = {}
+    sweeps: dict[str, list[SweepPoint]] = {}
     met = True
     for name, region in graph.regions.items():
         if region.captured.joint is None or region.bw is None:
@@ -565,6 +251,7 @@ def prune(graph: CompiledGraph, ctx: PassContext) -> PruneReport:
             plans[name][strategy] = plan
             if strategy == install:
                 chosen = (an, kept, plan)
+        sweeps[name] = merged.sweep(merged.needed())
         an, kept, plan = chosen
         if budget[0] == "bytes" and evaluate_at(plan.saved_bytes, seq_len) / seq_len > budget[1]:
             met = False
@@ -576,4 +263,4 @@ def prune(graph: CompiledGraph, ctx: PassContext) -> PruneReport:
                     evaluate_at(plans[name]["autograd"].saved_bytes, seq_len) / seq_len, len(plan.recomputed))
     budget_text = str(ctx.options.get("activation_budget") or "auto")
     return PruneReport(modified=bool(plans), budget=budget_text, recompute_budget=fraction, seq_len=seq_len,
-                       installed=install, budget_met=met, regions=plans)
+                       installed=install, budget_met=met, regions=plans, sweeps=sweeps)

@@ -337,9 +337,11 @@ class AdapterRegistry:
                              f"allowed: a subset of {list(self.spec.targets)}")
         for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "target_parameters"):
             if cfg.get(key):
-                raise ValueError(f"{path}: {key} is not supported; use one r and alpha on projections only")
-        for key, allowed in (("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False),
-                             ("bias", "none"), ("layers_to_transform", None)):
+                raise ValueError(f"{path}: per-module {key} is not supported; use one r and alpha on projections")
+        if cfg.get("use_dora"):
+            raise ValueError(f"{path}: DoRA adapters (use_dora=true) are not supported; plain LoRA only")
+        for key, allowed in (("fan_in_fan_out", False), ("lora_bias", False), ("bias", "none"),
+                             ("layers_to_transform", None)):
             if cfg.get(key, allowed) != allowed:
                 raise ValueError(f"{path}: {key}={cfg.get(key)!r} is not supported; allowed: {allowed!r}")
         shape = AdapterShape(r=cfg.get("r"), alpha=cfg.get("lora_alpha", 8),

@@ -41,7 +41,7 @@ from flexc.runtime.latency import LatencyModel, iteration_work
 from flexc.runtime.policies import InferenceOnlyPolicy, make_policy
 from flexc.runtime.profiling import profile_latency
 from flexc.runtime.metrics import EngineMetrics, MetricsRecorder
-from flexc.runtime.executor import ATTENTION_MODES, Executor, make_kv_spec
+from flexc.runtime.executor import BACKENDS, Executor, make_kv_spec
 from flexc.runtime.kv_cache import KVCacheManager, make_num_blocks
 from flexc.runtime.regions import RegionRunner
 from flexc.runtime.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulingPolicy
@@ -73,9 +73,9 @@ class EngineConfig:
     """Sequences per iteration."""
     max_adapters: int = 8
     """LoRA adapters resident at once."""
-    attention: str = "auto"
-    """``batched`` (one batched call for all decode tokens, CPU fast path), ``op`` (flexc::attention as
-    captured, Triton on CUDA) or ``auto`` (``batched`` on the CPU, ``op`` elsewhere)."""
+    backend: str = "eager"
+    """How the serving graphs run: ``eager`` (as captured, op by op) or ``inductor`` (``torch.compile``, dynamic
+    in the token count; compiled at the first batches, see ``executor.compile_seconds``)."""
     tpot_slo: float = 0.2
     """Target seconds per output token; the co-serving policy fills iterations with finetuning up to it."""
     ttft_slo: float = 5.0
@@ -88,8 +88,8 @@ class EngineConfig:
             raise ValueError("give kv_cache_tokens or kv_cache_bytes, not both")
         if self.kv_cache_tokens is None and self.kv_cache_bytes is None:
             self.kv_cache_tokens = 16384
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -182,7 +182,7 @@ class Engine:
                                                    max_num_seqs=self.config.max_num_seqs,
                                                    max_model_len=self.max_model_len), self.kv, policy)
         self.executor = Executor(compiled, model, kv_spec=kv_spec, num_blocks=num_blocks, adapters=self.adapters,
-                                 attention=self.config.attention, runner=runner)
+                                 runner=runner, backend=self.config.backend)
         self.eos_token_ids = self._eos_ids(model)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
@@ -401,9 +401,10 @@ class Engine:
                 self.load_adapter(adapter, seed=seed)
         layouts = make_layouts(self.executor.runner)
         shards = self.executor.runner.shards
+        weights = self.adapters.get(adapter).weights      # NOTE: the live tensors (views of its stack slot)
         # NOTE: trained in the adapter's own coordinates (its rank, targets, scaling): PEFT's optimizer steps
         job = OwnCoordinatesJob(f"job-{next(self._job_ids)}", data, self.adapters, adapter, cfg,
-                                lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid),
+                                lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid, adapter=weights),
                                 all_ranks=shards.all_true if shards is not None else None)
         self.finetune_queue.add(job)
         return job

@@ -1,143 +1,99 @@
-"""Runs one flat batch through the compiled region graphs with the paged KV cache.
+"""Runs one flat batch through the compiled serving graphs with the paged KV cache.
 
-For a :class:`~flexc.runtime.batch.SchedulerOutput` the executor builds the
-flat batch (token ids, positions, ``cu_seqlens``), the paged-attention context
-(block tables, context lengths, slot of every new token) and runs the embed
-region, every decoder layer through the template the compiler assigned it
-(``compiled.graph.layer_regions``) with that layer's weights, and finally the
-logits region only for the tokens that sample.
+For a :class:`~flexc.runtime.batch.SchedulerOutput` the executor builds ONE flat
+batch of every scheduled sequence (decodes, prefill chunks, finetuning chunks;
+sorted by adapter slot so that each adapter's tokens form one segment), the
+paged-cache arguments (block tables, context lengths, slot of every new token)
+and the rows of the finetuning tokens, then runs the embed region, each decoder
+layer through its template's serving graph (built by the ``serve`` pass: one
+call per layer per iteration, each base projection once for all rows, every
+LoRA branch one ``flexc::lora`` over the resident adapters' stacks, paged
+attention with the layer's cache as a mutated argument), and the logits region
+only for the tokens that sample. The serving graph returns, besides the hidden
+states, the values the backward needs for the finetuning rows; each finetuning
+sequence receives its rows.
 
-Multi-LoRA: one batch may mix requests for different adapters and for none.
-All inference sequences (prefill and decode) run together: each layer's
-inference graph is called ONCE per iteration for them. That graph is a copy of
-the layer template in which every LoRA branch is one ``flexc::lora`` call
-(:mod:`flexc.passes.multi_lora`) reading the registry's stacked adapter tensors
-(:class:`~flexc.runtime.adapters.AdapterRegistry`); the sequences are sorted by
-adapter slot so that each adapter's tokens form one segment (``seg_starts``,
-``seg_adapter``, built once per iteration; -1 = no adapter). The sampled rows
-are kept paired with their sequences, so the order does not leak out.
+What it reads from the compiled artifact: the serving graphs and their
+placeholders' kinds, which template each layer uses, the model shape; it
+rewrites no graph. The binding of a layer's weights and adapter stacks is done
+once; per iteration only the batch's tensors are filled in.
 
-Finetuning chunks (``SeqKind.FINETUNE``) still run apart, one call per layer
-per finetuning adapter: they need the full forward graph, which returns the
-values the backward reads, with that adapter's live tensors bound (the views
-of its stack slot). Attention only mixes tokens of one sequence, so running
-them apart gives exactly the result of running them with the rest.
-
-What it reads from the compiled artifact: the region graphs and their calling
-conventions (``RegionProgram``), which template each layer uses, the model
-shape (``graph.model``); it re-derives nothing. For inference it runs a copy of
-each forward graph that returns only the region outputs (no saved values),
-calls ``flexc::lora``'s body directly (:func:`~flexc.kernels.lora.lora_forward`:
-no op wrapper under ``no_grad``) and, with ``attention="batched"``, calls
-:func:`~flexc.runtime.paged_attention.paged_attention_batched` where the graph
-calls ``flexc::attention`` (same contract, one batched call for all decode
-tokens on the CPU).
+Backends: ``eager`` runs the graphs as they are; ``inductor`` hands each template's
+serving graph to ``torch.compile`` (dynamic in the token count; C++ on the CPU),
+compiled at the first batch that uses it.
 
 Invariant (tests/runtime/test_engine.py, test_executor.py): greedy tokens equal
-transformers ``generate(do_sample=False)`` (and PEFT's model for each adapter);
-a batch mixing adapters gives each request PEFT's logits for its adapter.
+transformers ``generate(do_sample=False)`` (and PEFT's model for each adapter); a
+batch mixing adapters and finetuning chunks gives each request PEFT's logits for
+its adapter and each finetuning sequence the saved values of its full-sequence
+forward.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from flexc.kernels.attention import paged_context
-from flexc.kernels.lora import lora_forward, make_segments
-from flexc.passes.multi_lora import (A_STACK, B_STACK, SCALING, SEG_ADAPTER, SEG_STARTS, MultiLoraReport,
-                                     rewrite_multi_lora)
+from flexc.ir.program import bind_inputs
+from flexc.ir.spec import KVCacheSpec
+from flexc.ir.vocab import InputKind, InputRef
+from flexc.kernels.lora_ref import make_segments
 from flexc.runtime.batch import ExecutorOutput, ScheduledSequence, SchedulerOutput, SeqKind
-from flexc.runtime.kv_cache import KVCacheSpec
-from flexc.runtime.paged_attention import BatchedPagedContext, make_decode_groups, paged_attention_batched
 from flexc.runtime.regions import RegionRunner
 
 if TYPE_CHECKING:
     from flexc.ir.artifact import CompiledModel
-    from flexc.ir.vocab import InputRef
-    from flexc.ir.program import RegionProgram
     from flexc.runtime.adapters import AdapterRegistry
     from flexc.runtime.sequence import FinetuneSequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Executor", "make_kv_spec", "ATTENTION_MODES"]
+__all__ = ["Executor", "make_kv_spec", "BACKENDS", "FlatBatch"]
 
-ATTENTION_MODES = ("auto", "batched", "op")
-"""``batched``: the CPU fast path (one batched call for all decode tokens); ``op``: ``flexc::attention`` as
-captured (Triton on CUDA); ``auto``: ``batched`` on the CPU, ``op`` elsewhere."""
-_CALL_INPUTS = (0, 1, 2, 3, SEG_STARTS, SEG_ADAPTER)
-"""What each layer call fills in: user inputs 0-3 (h, cos, sin, cu_seqlens) and the multi-LoRA segments."""
+BACKENDS = ("eager", "inductor")
+"""How the serving graphs run: as they are, or compiled by ``torch.compile`` (Inductor)."""
+_PER_CALL = (InputKind.USER, InputKind.SEG_STARTS, InputKind.SEG_ADAPTER, InputKind.K_CACHE, InputKind.V_CACHE,
+             InputKind.BLOCK_TABLES, InputKind.CONTEXT_LENS, InputKind.SLOT_MAPPING, InputKind.TRAIN_ROWS)
+"""Placeholder kinds filled in for every layer call (everything else is bound once)."""
 
 
 def make_kv_spec(compiled: "CompiledModel", dtype: torch.dtype, block_size: int = 16,
                  num_kv_heads: Optional[int] = None) -> KVCacheSpec:
-    """The paged cache shape of a compiled model (from the artifact's model summary); ``num_kv_heads``: the
-    heads one rank holds at tp > 1 (``TPRegionRunner.num_kv_heads``), default all."""
-    m = compiled.graph.model
-    return KVCacheSpec(num_layers=m["num_layers"], num_kv_heads=num_kv_heads or m["num_kv_heads"],
-                       head_dim=m["head_dim"], dtype=dtype, block_size=block_size)
+    """The paged cache shape of a compiled model; ``num_kv_heads``: the heads one rank holds at tp > 1
+    (``TPRegionRunner.num_kv_heads``), default all."""
+    return KVCacheSpec.of_model(compiled.graph.model, dtype, block_size, num_kv_heads)
 
 
-@dataclasses.dataclass(frozen=True)
-class _InferenceGraph:
-    """A layer template's inference graph: the callable, what each placeholder is bound to, the LoRA rewrite."""
+class FlatBatch:
+    """The tensors of one iteration's sequences, in flat-batch order (sorted by adapter slot).
 
-    forward: Callable[..., Any]
-    inputs: list[InputRef]
-    """``meta['flexc_ref']`` of every placeholder, in order (param/buffer/user and the multi-LoRA kinds)."""
-    lora: MultiLoraReport
+    ``ids``/``pos`` [T]; ``cu`` int32 [N+1]; paged arguments ``block_tables`` int32 [N, B], ``context_lens``
+    int32 [N], ``slot_mapping`` int64 [T]; ``train_rows`` int64 [Tf]: flat-batch rows of the finetuning tokens;
+    ``seg_starts``/``seg_adapter``: the adapter segments; ``rows``: rows whose logits are sampled.
+    """
 
-
-def _inference_graph(program: "RegionProgram", batched_attention: bool) -> _InferenceGraph:
-    """A copy of the region's forward graph that returns only the region outputs (nothing saved for a
-    backward), with every LoRA branch replaced by one ``flexc::lora`` call
-    (:func:`~flexc.passes.multi_lora.rewrite_multi_lora`), that op called as :func:`lora_forward`, and
-    ``flexc::attention`` calls pointed at the batched path if asked."""
-    fw = program.fw
-    g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in fw.graph.nodes:
-        if n.op == "output":
-            outs = n.args[0]
-            g.output(tuple(env[outs[i]] for i in program.user_idx))
-        else:
-            env[n] = g.node_copy(n, lambda x: env[x])
-    g.eliminate_dead_code()
-    report = rewrite_multi_lora(g)       # NOTE: after the dead code is gone: the branches' saved values were users
-    # inference runs under no_grad: flexc::lora's body is called without the op's wrapper (see lora_forward)
-    direct = {torch.ops.flexc.lora.default: lora_forward}
-    if batched_attention:
-        direct[torch.ops.flexc.attention.default] = paged_attention_batched
-    for n in g.nodes:
-        if n.op == "call_function" and n.target in direct:
-            n.target = direct[n.target]
-    inputs = [p.meta["flexc_ref"] for p in g.find_nodes(op="placeholder")]
-    return _InferenceGraph(forward=fx.GraphModule(fw, g).forward, inputs=inputs, lora=report)
-
-
-class _FlatBatch:
-    """Tensors of the sequences run together: ids/positions [T], cu_seqlens int32 [N+1], the paged context and
-    the rows (token indices) whose logits are sampled."""
-
-    def __init__(self, seqs: list[ScheduledSequence], block_size: int, k_caches, v_caches, batched: bool,
-                 device: torch.device):
+    def __init__(self, seqs: list[ScheduledSequence], slots: list[int], block_size: int, device: torch.device):
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
+        slot_map: list[int] = []
+        train: list[int] = []
         cu = [0]
         rows: list[int] = []
+        self.finetune: list[tuple[ScheduledSequence, tuple[int, int], tuple[int, int]]] = []
+        """Per finetuning sequence: (sequence, its rows in the batch, its rows among ``train_rows``)."""
         for s in seqs:
-            n = len(s.token_ids)
-            start = s.num_computed_tokens
+            n, start = len(s.token_ids), s.num_computed_tokens
             ids.extend(s.token_ids)
             pos.extend(range(start, start + n))
             bids = s.block_ids
-            slots.extend(bids[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+            slot_map.extend(bids[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+            if s.kind is SeqKind.FINETUNE:
+                self.finetune.append((s, (cu[-1], cu[-1] + n), (len(train), len(train) + n)))
+                train.extend(range(cu[-1], cu[-1] + n))
             cu.append(cu[-1] + n)
             if s.sample:
                 rows.append(cu[-1] - 1)
@@ -145,119 +101,114 @@ class _FlatBatch:
         bt = torch.full((len(seqs), width), -1, dtype=torch.int32)
         for i, s in enumerate(seqs):
             bt[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
-        ctx_lens = torch.tensor([s.num_computed_tokens for s in seqs], dtype=torch.int32)
-        self.cu_list = cu
-        """Sequence bounds in the flat batch, on the host."""
-        self.lens = torch.tensor([len(s.token_ids) for s in seqs])
-        """Tokens per sequence, on the host."""
+        lens = torch.tensor([len(s.token_ids) for s in seqs])
+        seg_starts, seg_adapter = make_segments(torch.repeat_interleave(torch.tensor(slots), lens))
         self.ids = torch.tensor(ids, dtype=torch.long, device=device)
         self.pos = torch.tensor(pos, dtype=torch.long, device=device)
         self.cu = torch.tensor(cu, dtype=torch.int32, device=device)
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.sample_seqs = [s for s in seqs if s.sample]
-        self.ctx = BatchedPagedContext(k_caches=k_caches, v_caches=v_caches, block_tables=bt.to(device),
-                                       context_lens=ctx_lens.to(device),
-                                       slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
-        if batched:                     # NOTE: the batched path runs on the CPU only (checked by the executor)
-            self._plan(seqs, block_size)
+        self.per_call: dict[InputKind, torch.Tensor] = {
+            InputKind.BLOCK_TABLES: bt.to(device),
+            InputKind.CONTEXT_LENS: torch.tensor([s.num_computed_tokens for s in seqs], dtype=torch.int32,
+                                                 device=device),
+            InputKind.SLOT_MAPPING: torch.tensor(slot_map, dtype=torch.long, device=device),
+            InputKind.TRAIN_ROWS: torch.tensor(train, dtype=torch.long, device=device),
+            InputKind.SEG_STARTS: seg_starts.to(device),
+            InputKind.SEG_ADAPTER: seg_adapter.to(device),
+        }
+        """The batch's per-call graph inputs by placeholder kind (the caches are per layer)."""
 
-    def _plan(self, seqs: list[ScheduledSequence], block_size: int) -> None:
-        ctx = self.ctx
-        dec = [i for i, s in enumerate(seqs) if len(s.token_ids) == 1]
-        if not dec:
-            ctx.prefill_block_tables, ctx.prefill_context_lens = ctx.block_tables, ctx.context_lens
-            ctx.prefill_cu_seqlens = self.cu
-            return
-        di = torch.tensor(dec, dtype=torch.long)
-        ctx.decode_groups = make_decode_groups(self.cu[:-1].long()[di], ctx.block_tables[di], ctx.context_lens[di])
-        ctx.all_decode = len(dec) == len(seqs) and len(ctx.decode_groups) == 1
-        pre = [i for i, s in enumerate(seqs) if len(s.token_ids) > 1]
-        if pre:
-            pi = torch.tensor(pre, dtype=torch.long)
-            lens = [len(seqs[i].token_ids) for i in pre]
-            ctx.prefill_idx = torch.cat([torch.arange(int(self.cu[i]), int(self.cu[i + 1])) for i in pre])
-            ctx.prefill_block_tables = ctx.block_tables[pi]
-            ctx.prefill_context_lens = ctx.context_lens[pi]
-            ctx.prefill_cu_seqlens = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()),
-                                                  dtype=torch.int32)
+
+class _LayerCall:
+    """One decoder layer's serving-graph call: the values bound once, and where the per-call ones go."""
+
+    def __init__(self, fn: Callable[..., Any], refs: list[InputRef], values: list[Any],
+                 caches: dict[InputKind, torch.Tensor]):
+        self.fn, self.refs, self.values = fn, refs, values
+        self.caches = caches
+        """This layer's K and V cache (what its paged attention writes and reads)."""
+        self.fill = [(j, r) for j, r in enumerate(refs) if r.kind in _PER_CALL]
+
+    def __call__(self, user: tuple, per_call: Mapping[InputKind, Any]) -> tuple:
+        v = self.values
+        for j, r in self.fill:
+            v[j] = user[r.index] if r.kind is InputKind.USER else per_call[r.kind]
+        try:
+            return self.fn(*v)
+        finally:
+            for j, _ in self.fill:         # NOTE: do not keep the batch's tensors alive between iterations
+                v[j] = None
 
 
 class Executor:
-    """Owns the KV cache tensors and runs scheduled batches through the compiled regions.
+    """Owns the KV cache tensors and runs scheduled batches through the compiled serving graphs.
 
     ``model`` is the (PEFT-wrapped) model with real weights whose structure the compiled artifact describes;
-    ``adapters`` the resident adapters (None: a base-model engine); ``runner`` runs the regions (default a
-    :class:`RegionRunner` of ``model``; on a tensor-parallel rank a ``TPRegionRunner``, whose sharded graphs
-    attend over the rank's KV heads: ``kv_spec`` must hold those).
+    ``adapters`` the resident adapters (None: a base-model engine); ``runner`` runs the other regions (default
+    a :class:`RegionRunner` of ``model``; on a tensor-parallel rank a ``TPRegionRunner``, whose sharded
+    serving graphs attend over the rank's KV heads: ``kv_spec`` must hold those).
     """
 
     def __init__(self, compiled: "CompiledModel", model: nn.Module, *, kv_spec: KVCacheSpec, num_blocks: int,
-                 adapters: Optional["AdapterRegistry"] = None, attention: str = "batched",
-                 runner: Optional[RegionRunner] = None):
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+                 adapters: Optional["AdapterRegistry"] = None, runner: Optional[RegionRunner] = None,
+                 backend: str = "eager"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.compiled = compiled
         self.runner = runner if runner is not None else RegionRunner(compiled, model)
         self.device = next(model.parameters()).device
         """Where the weights, the KV cache and every batch tensor live (the model's device)."""
-        if attention == "auto":
-            attention = "batched" if self.device.type == "cpu" else "op"
-        if attention == "batched" and self.device.type != "cpu":
-            raise ValueError(f"attention='batched' is the CPU path; the model is on {self.device}: use 'op' or "
-                             "'auto'")
         if kv_spec.num_kv_heads != self.runner.num_kv_heads:
             raise ValueError(f"kv_spec holds {kv_spec.num_kv_heads} KV heads, the runner attends over "
                              f"{self.runner.num_kv_heads}")
         self.adapters = adapters
         self.kv_spec = kv_spec
         self.num_blocks = num_blocks
+        self.backend = backend
         shape = (num_blocks, kv_spec.block_size, kv_spec.num_kv_heads, kv_spec.head_dim)
         self.k_caches = [torch.zeros(shape, dtype=kv_spec.dtype, device=self.device)
                          for _ in range(kv_spec.num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=kv_spec.dtype, device=self.device)
                          for _ in range(kv_spec.num_layers)]
-        self.batched = attention == "batched"
-        # NOTE: one inference graph per template; layers sharing a template share the callable
-        self._graphs = {name: _inference_graph(self.runner.programs[name], self.batched)
-                        for name in set(compiled.graph.layer_regions)}
-        self._layer_forward = [self._graphs[name].forward for name in compiled.graph.layer_regions]
-        self._has_lora = any(g.lora.modified for g in self._graphs.values())
-        self._vals, self._input_pos = self._bind_layers()
+        report = compiled.pass_report("serve")
+        graphs = self.runner.serving_graphs()
+        self._has_lora = any(report.regions[name].lora_linears for name in graphs)
+        fns = {name: self._callable(gm) for name, gm in graphs.items()}
+        self._layers = [self._bind_layer(i, graphs[name], fns[name])
+                        for i, name in enumerate(compiled.graph.layer_regions)]
         self._generators: dict[str, torch.Generator] = {}
+        self.compile_seconds = 0.0
+        """Seconds spent compiling serving graphs (``inductor``: the first batches that use them)."""
 
-    # ------------------------------------------------------------------ weights
-    def _bind_layers(self) -> tuple[list[list[Any]], list[list[Optional[int]]]]:
-        """Per layer: the inference graph's placeholder values (weights, adapter stacks, scalings; None where
-        :data:`_CALL_INPUTS` go) and the positions of those call inputs. The stacks never move (the registry
-        updates them in place), so this is done once."""
+    # ------------------------------------------------------------------ binding
+    def _callable(self, gm: fx.GraphModule) -> Callable[..., Any]:
+        if self.backend == "eager":
+            return gm.forward
+        return torch.compile(gm, dynamic=True, fullgraph=True)
+
+    def _bind_layer(self, i: int, gm: fx.GraphModule, fn: Callable[..., Any]) -> _LayerCall:
+        """Layer i's serving-graph call with its weights, adapter stacks and scalings bound (the stacks never
+        move: the registry updates them in place)."""
+        refs = [p.meta["flexc_ref"] for p in gm.graph.find_nodes(op="placeholder")]
+        prefix = self.runner.layer_prefix(i)
         num_slots = self.adapters.max_adapters if self.adapters is not None else 0
-        scalings: dict[float, torch.Tensor] = {}          # one fp32 [num_slots] tensor per distinct value
-        vals, positions = [], []
-        for i, name in enumerate(self.compiled.graph.layer_regions):
-            module, prefix, graph = self.runner.layer_modules[i], self.runner.layer_prefix(i), self._graphs[name]
-            v: list[Any] = []
-            pos: list[Optional[int]] = [None] * len(_CALL_INPUTS)
-            for j, r in enumerate(graph.inputs):
-                if r.kind == "param":
-                    v.append(module.get_parameter(r.target))
-                elif r.kind == "buffer":
-                    v.append(module.get_buffer(r.target))
-                elif r.kind in (A_STACK, B_STACK):
-                    v.append(self._stack(module, f"{prefix}.{r.target.removeprefix('layer.')}", r.target))
-                elif r.kind == SCALING:
-                    # NOTE: the same for every slot: the registry folds each adapter's own scaling into lora_B
-                    value = graph.lora.scaling[r.target]
-                    if value not in scalings:
-                        scalings[value] = torch.full((num_slots,), value, dtype=torch.float32, device=self.device)
-                    v.append(scalings[value])
-                else:
-                    pos[_CALL_INPUTS.index(r.index if r.kind == "user" else r.kind)] = j
-                    v.append(None)
-            vals.append(v)
-            positions.append(pos)
-        return vals, positions
+        module = self.runner.layer_modules[i]
 
-    def _stack(self, module: nn.Module, name: str, target: str) -> torch.Tensor:
+        def other(r: InputRef) -> Any:
+            if r.kind in (InputKind.LORA_A_STACK, InputKind.LORA_B_STACK):
+                return self._stack(module, f"{prefix}.{r.target.removeprefix('layer.')}", r.target)
+            if r.kind is InputKind.LORA_SCALING:
+                # NOTE: the same for every slot: the registry folds each adapter's own scaling into lora_B
+                return torch.full((num_slots,), self.compiled.lora.alpha / self.compiled.lora.r,
+                                  dtype=torch.float32, device=self.device)
+            if r.kind in _PER_CALL:
+                return None                    # filled in for every call
+            raise ValueError(f"serving graph placeholder of unknown kind {r.kind!r}")
+        return _LayerCall(fn, refs, bind_inputs(refs, module, other),
+                          {InputKind.K_CACHE: self.k_caches[i], InputKind.V_CACHE: self.v_caches[i]})
+
+    def _stack(self, module: Any, name: str, target: str) -> torch.Tensor:
         """The stacked adapters of LoRA parameter ``name`` (empty without a registry: no adapter can be asked)."""
         if self.adapters is not None:
             return self.adapters.stack(name)
@@ -265,7 +216,7 @@ class Executor:
         return p.new_zeros((0, *p.shape))
 
     def _slot(self, adapter_id: Optional[str]) -> int:
-        """Stack index of a request's adapter; -1 for none. ValueError naming the adapter if it cannot run."""
+        """Stack index of a sequence's adapter; -1 for none. ValueError naming the adapter if it cannot run."""
         if adapter_id is None:
             return -1
         if not self._has_lora:
@@ -273,25 +224,6 @@ class Executor:
         if self.adapters is None:
             raise ValueError(f"adapter {adapter_id!r} requested but this executor has no adapter registry")
         return self.adapters.slot(adapter_id)
-
-    def _overrides(self, i: int, adapter_id: Optional[str]) -> Optional[dict[str, torch.Tensor]]:
-        """The finetuning path's binding: adapter ``adapter_id``'s live tensors for the full forward graph."""
-        if not self._has_lora:
-            return None
-        prog = self.runner.layer_program(i)
-        prefix = self.runner.layer_prefix(i)
-        ov = {}
-        weights = self.adapters.get(adapter_id).weights if adapter_id is not None else None
-        for r in prog.fw_inputs:
-            if r.kind != "param" or (".lora_A." not in r.target and ".lora_B." not in r.target):
-                continue
-            full = f"{prefix}.{r.target.removeprefix('layer.')}"
-            if weights is not None:
-                ov[r.target] = weights[full]
-            elif ".lora_B." in r.target:
-                p = self.runner.layer_modules[i].get_parameter(r.target)
-                ov[r.target] = torch.zeros_like(p)      # no adapter: B = 0 makes the LoRA branch add exactly 0
-        return ov
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (for timing an iteration; nothing to do on the CPU)."""
@@ -311,79 +243,35 @@ class Executor:
             self._generators.pop(rid, None)
         if not batch.seqs:
             return ExecutorOutput(sampled_token_ids={})
-        inference: list[ScheduledSequence] = []
-        finetuning: dict[Optional[str], list[ScheduledSequence]] = {}
         for s in batch.seqs:
-            if s.kind is not SeqKind.FINETUNE:
-                inference.append(s)
-            elif finetune is None or s.req_id not in finetune:
+            if s.kind is SeqKind.FINETUNE and (finetune is None or s.req_id not in finetune):
                 raise ValueError(f"finetuning sequence {s.req_id}: no finetuning state was given for it")
-            else:
-                finetuning.setdefault(s.adapter_id, []).append(s)
-        hs, sample_seqs = [], []
-        for adapter_id, seqs in finetuning.items():
-            fb = _FlatBatch(seqs, self.kv_spec.block_size, self.k_caches, self.v_caches, self.batched, self.device)
-            h = self._run_layers_saving(fb, adapter_id, seqs, finetune)
-            if len(fb.rows):
-                hs.append(h.index_select(0, fb.rows))
-                sample_seqs.extend(fb.sample_seqs)
-        if inference:
-            # NOTE: sorted by slot, so each adapter's tokens form one segment of the flexc::lora calls
-            slots = {s.req_id: self._slot(s.adapter_id) for s in inference}
-            seqs = sorted(inference, key=lambda s: slots[s.req_id])
-            fb = _FlatBatch(seqs, self.kv_spec.block_size, self.k_caches, self.v_caches, self.batched, self.device)
-            h = self._run_layers(fb, [slots[s.req_id] for s in seqs])
-            if len(fb.rows):
-                hs.append(h.index_select(0, fb.rows))
-                sample_seqs.extend(fb.sample_seqs)
+        # NOTE: sorted by slot, so each adapter's tokens (inference and finetuning alike) form one segment
+        slots = {s.req_id: self._slot(s.adapter_id) for s in batch.seqs}
+        seqs = sorted(batch.seqs, key=lambda s: slots[s.req_id])
+        fb = FlatBatch(seqs, [slots[s.req_id] for s in seqs], self.kv_spec.block_size, self.device)
+        h = self._run_layers(fb, finetune or {})
         tokens: dict[str, int] = {}
-        if sample_seqs:
-            logits = self.runner.logits(torch.cat(hs) if len(hs) > 1 else hs[0])      # [S, V] fp32
-            tokens = dict(zip((s.req_id for s in sample_seqs), self._sample(logits, sample_seqs)))
+        if len(fb.rows):
+            logits = self.runner.logits(h.index_select(0, fb.rows))      # [S, V] fp32
+            tokens = dict(zip((s.req_id for s in fb.sample_seqs), self._sample(logits, fb.sample_seqs)))
         return ExecutorOutput(sampled_token_ids=tokens, num_tokens=batch.total_num_scheduled_tokens)
 
-    def _run_layers(self, fb: _FlatBatch, slots: list[int]) -> torch.Tensor:
-        """All inference sequences through each layer's inference graph once; ``slots``: adapter slot per
-        sequence of ``fb`` (-1: none)."""
-        seg_starts, seg_adapter = make_segments(torch.repeat_interleave(torch.tensor(slots), fb.lens))
-        seg_starts, seg_adapter = seg_starts.to(self.device), seg_adapter.to(self.device)
-        ctx = fb.ctx
-        with paged_context(ctx):
-            h, cos, sin = self.runner.embed_forward(fb.ids, fb.pos)
-            for i, fwd in enumerate(self._layer_forward):
-                ctx.layer = i                       # NOTE: the attention op reads the layer's cache from here
-                v = self._vals[i]
-                for j, x in zip(self._input_pos[i], (h, cos, sin, fb.cu, seg_starts, seg_adapter)):
-                    if j is not None:
-                        v[j] = x
-                (h,) = fwd(*v)
-            for v, pos in zip(self._vals, self._input_pos):     # do not keep the batch's activations alive
-                for j in pos:
-                    if j is not None:
-                        v[j] = None
-        return h
-
-    def _run_layers_saving(self, fb: _FlatBatch, adapter_id: Optional[str], seqs: list[ScheduledSequence],
-                           finetune: Mapping[str, "FinetuneSequence"]) -> torch.Tensor:
-        """Run a group holding finetuning chunks through the full forward graphs (which return the values the
-        backward needs) and hand each finetuning sequence its rows."""
-        runner = self.runner
-        rows = {}
-        for j, s in enumerate(seqs):
-            if s.kind is SeqKind.FINETUNE:
-                rows[s.req_id] = ((fb.cu_list[j], fb.cu_list[j + 1]), s.num_computed_tokens)
-        ctx = fb.ctx
-        with paged_context(ctx):
-            h, cos, sin = runner.embed_forward(fb.ids, fb.pos)
-            for i in range(len(runner.layers)):
-                ctx.layer = i
-                (h,), saved = runner.layer_program(i).forward(runner.layer_modules[i], (h, cos, sin, fb.cu),
-                                                              self._overrides(i, adapter_id))
-                for sid, (r, start) in rows.items():
-                    finetune[sid].record_layer(i, saved, r, start)
-                del saved
-        for sid, (r, start) in rows.items():
-            finetune[sid].record_output(h, r, start)
+    def _run_layers(self, fb: FlatBatch, finetune: Mapping[str, "FinetuneSequence"]) -> torch.Tensor:
+        """Every decoder layer once over the whole flat batch; finetuning sequences get their saved rows."""
+        h, cos, sin = self.runner.embed_forward(fb.ids, fb.pos)
+        first = self.compile_seconds == 0.0 and self.backend == "inductor"
+        t0 = time.perf_counter()
+        for i, call in enumerate(self._layers):
+            h, *saved = call((h, cos, sin, fb.cu), {**fb.per_call, **call.caches})
+            if first and i == 0:
+                self.compile_seconds = time.perf_counter() - t0
+                logger.info("serving graph compiled by inductor in %.1f s", self.compile_seconds)
+            for s, _, ft_rows in fb.finetune:
+                finetune[s.req_id].record_layer(i, saved, ft_rows, s.num_computed_tokens)
+            del saved
+        for s, rows, _ in fb.finetune:
+            finetune[s.req_id].record_output(h, rows, s.num_computed_tokens)
         return h
 
     # ------------------------------------------------------------------ sampling

@@ -6,19 +6,18 @@ of iteration time in the work the batch contains:
 
     t = c0 + c_decode * decode_tokens + c_prefill * prefill_tokens
            + c_attn * attention_pairs + c_ft_fwd * ft_forward_tokens
-           + c_ft_bwd * ft_backward_layer_tokens / num_layers
-           + c_ft_pass * ft_forward_passes + c_bwd_layer * ft_backward_layers / num_layers
+           + c_ft_bwd * ft_backward_layer_tokens / num_layers + c_bwd_layer * ft_backward_layers / num_layers
 
+One iteration is ONE pass over the weights for every token (the serving graphs
+run inference and finetuning rows together), so a finetuning forward token
+costs its marginal compute only: there is no fixed cost per finetuning pass.
 ``attention_pairs`` (sum over prefill/finetuning chunks of new tokens times
-context length) carries the quadratic part of attention. The two count features
-carry fixed costs that do not grow with tokens: finetuning chunks run their
-layers in a pass of their own (one per finetuning adapter; every weight is read
-again), and each backward layer has a per-call cost whatever the sequence
-length. Without them a fit spreads those costs over the tokens, predicting
-small finetuning additions too cheap. Coefficients are fitted
-by non-negative least squares from a start-up profile, persisted as JSON, and
-refined online from every measured iteration (a bounded window of recent
-samples, refitted every few iterations).
+context length) carries the quadratic part of attention; the backward windows
+run apart, per layer, so a backward layer call has a fixed cost of its own
+besides its per-token work. Coefficients are fitted by non-negative least
+squares from a start-up profile, persisted as JSON, and refined online from
+every measured iteration (a bounded window of recent samples, refitted every
+few iterations).
 """
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ from flexc.runtime.batch import SchedulerOutput, ScheduledSequence, SeqKind
 __all__ = ["IterationWork", "LatencyModel", "FEATURES", "iteration_work", "forward_work"]
 
 FEATURES = ("const", "decode_tokens", "prefill_tokens", "attention_pairs", "ft_forward_tokens",
-            "ft_backward_layer_tokens", "ft_forward_passes", "ft_backward_layers")
+            "ft_backward_layer_tokens", "ft_backward_layers")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,16 +52,13 @@ class IterationWork:
     """Finetuning tokens whose forward runs in this iteration."""
     ft_backward_layer_tokens: int = 0
     """Finetuning backward work: sequence tokens x layers whose backward runs in this iteration."""
-    ft_forward_passes: int = 0
-    """Passes over the layers for finetuning chunks (the executor runs one per finetuning adapter)."""
     ft_backward_layers: int = 0
     """Layer backward calls (summed over the finetuning sequences' windows)."""
 
     def features(self, num_layers: int) -> np.ndarray:
         n = max(num_layers, 1)
         return np.array([1.0, self.decode_tokens, self.prefill_tokens, self.attention_pairs,
-                         self.ft_forward_tokens, self.ft_backward_layer_tokens / n, self.ft_forward_passes,
-                         self.ft_backward_layers / n])
+                         self.ft_forward_tokens, self.ft_backward_layer_tokens / n, self.ft_backward_layers / n])
 
     def __add__(self, other: "IterationWork") -> "IterationWork":
         return IterationWork(**{f.name: getattr(self, f.name) + getattr(other, f.name)
@@ -103,10 +99,6 @@ class LatencyModel:
         self._refit_every = refit_every
         self._since_fit = 0
 
-    @property
-    def fitted(self) -> bool:
-        return bool(np.any(self.coef > 0))
-
     def predict(self, work: IterationWork) -> float:
         """Predicted seconds of an iteration doing ``work``."""
         return float(self.coef @ work.features(self.num_layers))
@@ -137,18 +129,9 @@ class LatencyModel:
         scale = np.maximum(np.abs(a).max(axis=0), 1e-12)
         self.coef = _nnls(a / scale, b) / scale
 
-    def max_extra(self, base: IterationWork, budget_s: float, field: str, limit: int) -> int:
-        """Largest n <= limit such that ``base`` plus n units of ``field`` is predicted within ``budget_s``."""
-        if field not in FEATURES[1:]:
-            raise ValueError(f"unknown work field {field!r}; allowed: {', '.join(FEATURES[1:])}")
-        return self.max_units(base, budget_s, IterationWork(**{field: 1}), limit)
-
-    def max_units(self, base: IterationWork, budget_s: float, unit: IterationWork, limit: int,
-                  fixed: Optional[IterationWork] = None) -> int:
-        """Largest n <= limit such that ``base + fixed + n * unit`` is predicted within ``budget_s`` (0 when
-        even ``fixed`` alone does not fit); ``fixed`` is work that comes with any n > 0 (a pass of its own)."""
-        fixed = fixed or IterationWork()
-        return self.max_fit(base, budget_s, lambda n: fixed + IterationWork(
+    def max_units(self, base: IterationWork, budget_s: float, unit: IterationWork, limit: int) -> int:
+        """Largest n <= limit such that ``base + n * unit`` is predicted within ``budget_s`` (0 if none fits)."""
+        return self.max_fit(base, budget_s, lambda n: IterationWork(
             **{f.name: n * getattr(unit, f.name) for f in dataclasses.fields(unit)}), limit)
 
     def max_fit(self, base: IterationWork, budget_s: float, extra: Callable[[int], IterationWork],
@@ -199,18 +182,15 @@ def iteration_work(batch: SchedulerOutput, num_layers: int, lengths: dict[str, i
 
 
 def forward_work(seqs: list[ScheduledSequence]) -> IterationWork:
-    """The forward part: tokens by kind, attention pairs of every chunk, one pass per finetuning adapter."""
+    """The forward part: tokens by kind and the attention pairs of every chunk."""
     dec = pre = ft = pairs = 0
-    ft_adapters = set()
     for s in seqs:
         n = len(s.token_ids)
         if s.kind is SeqKind.FINETUNE:
             ft += n
-            ft_adapters.add(s.adapter_id)
         elif s.kind is SeqKind.DECODE:
             dec += n
         else:
             pre += n
         pairs += n * (s.num_computed_tokens + n) if n > 1 else 0
-    return IterationWork(decode_tokens=dec, prefill_tokens=pre, attention_pairs=pairs, ft_forward_tokens=ft,
-                         ft_forward_passes=len(ft_adapters))
+    return IterationWork(decode_tokens=dec, prefill_tokens=pre, attention_pairs=pairs, ft_forward_tokens=ft)

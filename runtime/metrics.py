@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["EngineMetrics", "MetricsRecorder"]
+__all__ = ["EngineMetrics", "MetricsRecorder", "percentile"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -47,8 +47,10 @@ class EngineMetrics:
         return d
 
 
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else 0.0
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) of ``values``, linearly interpolated between the closest ranks (numpy's
+    default); 0.0 for no values. Every latency summary of flexc uses this one."""
+    return float(np.percentile(values, q)) if len(values) else 0.0
 
 
 class MetricsRecorder:
@@ -93,8 +95,8 @@ class MetricsRecorder:
         frac = (lambda xs: sum(xs) / len(xs) if xs else 1.0)
         w = max(wall, 1e-9)
         return EngineMetrics(requests_finished=n, slo_attainment=frac(both), tpot_slo_attainment=frac(ok_tpot),
-                             ttft_slo_attainment=frac(ok_ttft), ttft_p50=_pct(ttfts, 50), ttft_p99=_pct(ttfts, 99),
-                             tpot_p50=_pct(tpots, 50), tpot_p99=_pct(tpots, 99),
+                             ttft_slo_attainment=frac(ok_ttft), ttft_p50=percentile(ttfts, 50), ttft_p99=percentile(ttfts, 99),
+                             tpot_p50=percentile(tpots, 50), tpot_p99=percentile(tpots, 99),
                              inference_tokens_per_s=self._generated / w, finetune_tokens_per_s=self._ft_tokens / w,
                              busy_fraction=min(self._busy / w, 1.0) if wall else 0.0, iterations=len(self.history),
                              wall_seconds=wall, history=list(self.history) if with_history else [])

@@ -153,7 +153,7 @@ class CoServePolicy:
             start = fs.forward_pos
             # NOTE: the chunk's attention (its tokens x the context it sees) grows with its position
             n = self.latency.max_fit(base, self.fill_s, lambda m: IterationWork(
-                ft_forward_tokens=m, attention_pairs=m * (start + m), ft_forward_passes=1), limit)
+                ft_forward_tokens=m, attention_pairs=m * (start + m)), limit)
             if idle:
                 n = max(n, min(limit, self.min_idle_tokens))
             if n > 0:

@@ -12,7 +12,7 @@ eager HF+PEFT model's for the same packed batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +22,8 @@ from flexc.ir.regions import (TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion
                               layer_prefixes)
 
 if TYPE_CHECKING:
+    import torch.fx as fx
+
     from flexc.ir.artifact import CompiledModel
     from flexc.runtime.sharding import ShardPlan
 
@@ -86,6 +88,11 @@ class RegionRunner:
         """Name prefix of decoder layer i's parameters in ``model.named_parameters()``."""
         return self._layer_prefix[i]
 
+    def serving_graphs(self) -> dict[str, "fx.GraphModule"]:
+        """The serving graph of every layer template (built by the ``serve`` pass), by template name."""
+        report = self.compiled.pass_report("serve")
+        return {name: report.graphs[name] for name in dict.fromkeys(self.compiled.graph.layer_regions)}
+
     def layer_program(self, i: int) -> RegionProgram:
         return self.programs[self.compiled.graph.layer_regions[i]]
 
@@ -95,16 +102,11 @@ class RegionRunner:
         return h, cos, sin
 
     def layers_forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
-                       layers: Optional[Sequence[int]] = None, keep_saved: bool = False,
-                       on_layer: Any = None) -> tuple[torch.Tensor, list]:
-        """Run decoder layers (all by default) over h[T,H]; returns h and, if asked, each layer's saved values.
-
-        ``on_layer(i)`` is called before layer i runs (the paged-attention context uses it).
-        """
+                       layers: Optional[Sequence[int]] = None, keep_saved: bool = False) -> tuple[torch.Tensor, list]:
+        """Run decoder layers (all by default) over h[T,H] (whole sequences, no KV cache); returns h and, if
+        asked, each layer's saved values."""
         saved = []
         for i in (range(len(self.layers)) if layers is None else layers):
-            if on_layer is not None:
-                on_layer(i)
             (h,), s = self.layer_program(i).forward(self.layer_modules[i], (h, cos, sin, cu_seqlens))
             saved.append(s if keep_saved else None)
         return h, saved
@@ -146,11 +148,24 @@ class RegionRunner:
     def head_backward(self, saved: list, loss_sum: torch.Tensor, scale: float) -> torch.Tensor:
         """The head's backward seeded with d(loss_sum * scale): the gradient of its input h."""
         seed = torch.tensor(scale, dtype=loss_sum.dtype, device=loss_sum.device)
-        return self.programs["head"].backward(saved, [seed]).pop("input0")
+        return self.programs["head"].backward(saved, [seed], self.head).pop("input0")
 
-    def layer_backward(self, i: int, saved: list, dh: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Layer i's backward: the gradient of its input and its parameters' gradients by model name."""
-        g = self.layer_program(i).backward(saved, [dh])
+    def layer_backward(self, i: int, saved: list, dh: torch.Tensor,
+                       adapter: Optional[Mapping[str, torch.Tensor]] = None) -> tuple[torch.Tensor,
+                                                                                    dict[str, torch.Tensor]]:
+        """Layer i's backward: the gradient of its input and its parameters' gradients by model name.
+
+        ``adapter``: the LoRA tensors to differentiate through, by model parameter name (a resident adapter's
+        ``weights``); default the model's own.
+        """
         prefix = self._layer_prefix[i]
+        overrides = None if adapter is None else self.region_names(i, adapter)
+        g = self.layer_program(i).backward(saved, [dh], self.layer_modules[i], overrides)
         return g.pop("input0"), {f"{prefix}.{k.removeprefix('layer.')}": v for k, v in g.items()
                                  if not k.startswith("input")}
+
+    def region_names(self, i: int, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model-named tensors of decoder layer i (``base_model...layers.3.mlp.down_proj...``) by their FQN inside
+        the layer region (``layer.mlp.down_proj...``); tensors of other layers are left out."""
+        prefix = self._layer_prefix[i] + "."
+        return {"layer." + n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)}

@@ -19,7 +19,7 @@ full-sequence forward and backward (tests/runtime/test_sequence.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import torch
 
@@ -59,8 +59,11 @@ class FinetuneSequence:
     """State of one training sequence between iterations."""
 
     def __init__(self, seq: "TrainingSequence", layouts: Sequence[SavedLayout], loss_scale: float,
-                 seq_id: str = ""):
+                 seq_id: str = "", adapter: Optional[Mapping[str, torch.Tensor]] = None):
+        """``adapter``: the LoRA tensors the sequence trains, by model parameter name (a resident adapter's
+        ``weights``), which its backward differentiates through; None: the model's own."""
         self.seq = seq
+        self.adapter = adapter
         self.seq_id = seq_id
         self.length = len(seq)
         self.loss_scale = loss_scale
@@ -126,7 +129,7 @@ class FinetuneSequence:
             i = self.next_backward_layer
             if i < 0:
                 break
-            self.dh, grads = runner.layer_backward(i, self.store.backward_inputs(i), self.dh)
+            self.dh, grads = runner.layer_backward(i, self.store.backward_inputs(i), self.dh, self.adapter)
             self.store.release(i)
             result.grads.update(grads)
             result.layers.append(i)

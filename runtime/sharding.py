@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flexc.ir.graph import NODE_INFO
-from flexc.ir.parallel import Placement, Replicate, Shard
+from flexc.ir.placements import Placement, Replicate, Shard
 from flexc.ir.regions import causal_lm_parts, layer_prefixes
 from flexc.runtime.launch import ParallelDims
 

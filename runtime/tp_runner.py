@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from flexc.ir.parallel import Placement
+from flexc.ir.placements import Placement
 from flexc.ir.program import RegionProgram
 from flexc.ir.regions import TOKEN_INPUTS, LayerRegion, causal_lm_parts
 from flexc.ir.sharded import bind_group
@@ -29,6 +29,8 @@ from flexc.runtime.regions import RegionRunner
 from flexc.runtime.sharding import ShardPlan, layer_shards, local_kv_heads
 
 if TYPE_CHECKING:
+    import torch.fx as fx
+
     from flexc.ir.artifact import CompiledModel
 
 __all__ = ["TPRegionRunner"]
@@ -63,6 +65,12 @@ class TPRegionRunner(RegionRunner):
         super().__init__(compiled, model, programs=programs, layer_modules=self.layer_params)
         self.shards = ShardPlan(compiled, model, dims, model_sharded=sharded)
         self.num_kv_heads = local_kv_heads(compiled, dims.tp)
+
+    def serving_graphs(self) -> dict[str, "fx.GraphModule"]:
+        """This rank's serving graphs (the serve pass's sharded ones), their collectives bound to the group."""
+        report = self.compiled.pass_report("serve")
+        return {name: bind_group(report.sharded[name], self.dims.group_name)
+                for name in dict.fromkeys(self.compiled.graph.layer_regions)}
 
     def placement(self, param_name: str) -> Placement:
         """Placement of a model parameter (by ``model.named_parameters()`` name) in this plan."""

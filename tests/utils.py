@@ -1,8 +1,10 @@
 """Shared builders for tests: tiny random configs and packed batches."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import torch
 
@@ -71,3 +73,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ||a-b|| / ||b||."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@dataclasses.dataclass
+class TinyLlama:
+    """The tiny Llama (hidden 64, 4 heads of 16, 2 KV heads, MLP 128, vocab 256, 3 layers) with LoRA r=4 alpha=8 on
+    all seven projections, compiled at seq_len 16 with the default passes, and its PEFT model with random weights
+    and non-zero lora_B (fp32, flexc attention). Shared by tests: do not leave it changed."""
+
+    cm: Any
+    model: torch.nn.Module
+
+
+def build_tiny_llama(tmp_path) -> TinyLlama:
+    import flexc
+    from flexc.ir.spec import LoraSpec
+    from flexc.models import load_model, resolve_model
+    src = resolve_model(write_config(tmp_path, "llama"))
+    spec = LoraSpec(r=4, alpha=8)
+    cm = flexc.compile(src, lora=spec, seq_len=16)
+    model = load_model(src, spec, "fp32", seed=3)
+    randomize_lora(model)
+    return TinyLlama(cm=cm, model=model)

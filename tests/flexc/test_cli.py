@@ -55,3 +55,38 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     assert "Traceback" not in r.stderr
     if "invalid choice" not in needle:
         assert len(lines) == 1, r.stderr
+
+
+def test_recompute_budget_flag(tmp_path, capsys):
+    """--recompute-budget 35% reaches the prune pass: each region's installed plan is the fewest saved bytes whose
+    recompute stays within 35% of its training FLOPs (the sweep in plan.json), keeping less than the default 20%."""
+    cfg = write_config(tmp_path, "llama")
+    out = tmp_path / "plan.json"
+    assert main(["compile", cfg, "--lora-r", "4", "--lora-targets", "down_proj", "--seq-len", "16",
+                 "--recompute-budget", "35%", "-o", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    prune = next(p["report"] for p in plan["passes"] if p["name"] == "prune")
+    assert prune["recompute_budget"] == pytest.approx(0.35) and plan["options"]["recompute_budget"] == 0.35
+    for name, plans in prune["regions"].items():
+        chosen = plans["pruned_remat"]
+        within = [p for p in prune["sweeps"][name]
+                  if p["recompute_flops"] <= 0.35 * chosen["train_flops_at_seq_len"]]
+        assert chosen["saved_bytes_per_token"] * 16 == min(p["saved_bytes"] for p in within)
+        default = [p for p in prune["sweeps"][name] if p["recompute_flops"] <= 0.2 * chosen["train_flops_at_seq_len"]]
+        assert chosen["saved_bytes_per_token"] * 16 <= min(p["saved_bytes"] for p in default)
+    assert plan["memory"]["strategies"]["pruned_remat"]["recompute_fraction"] > 0.2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--recompute-budget", "1.5"], "recompute_budget '1.5': expected a fraction of training FLOPs in [0, 1]"),
+    (["--recompute-budget", "lots"], "recompute_budget 'lots'"),
+    (["--activation-budget", "max", "--recompute-budget", "0.3"],
+     "--recompute-budget applies to the default activation budget ('auto'), not --activation-budget max"),
+])
+def test_bad_recompute_budget_is_one_line(tmp_path, capsys, args, needle):
+    """A recompute budget outside [0, 1], not a number, or given with a non-default activation budget ends with
+    exit status 2 and one line, before anything is compiled."""
+    assert main(["compile", write_config(tmp_path, "llama"), *args, "-o", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "p.json").exists()

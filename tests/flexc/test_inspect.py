@@ -53,3 +53,41 @@ def test_bad_plan_exits_2_with_one_line(tmp_path, capsys, content, needle):
     assert main(["inspect", str(bad)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], lines
+
+
+def test_pareto_table_and_curve(plan_path, tmp_path, capsys, monkeypatch):
+    """--pareto prints one row per point of memory.pareto, descending in recompute, marks the strategies that lie
+    on it (pruned at the top, the installed pruned_remat), and with a path draws that curve to a PNG."""
+    import matplotlib.figure
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k))[1])
+    curve = json.loads(plan_path.read_text())["memory"]["pareto"]
+    capsys.readouterr()
+    assert main(["inspect", str(plan_path), "--pareto"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in lines if "%" in ln and "-" in ln.split()[0]]
+    assert len(rows) == len(curve) >= 3
+    assert rows[0].endswith("<- pruned") and any(r.endswith("<- pruned_remat") for r in rows)
+    assert "off the curve: autograd" in "\n".join(lines) and drawn == []
+    png = tmp_path / "pareto.png"
+    assert main(["inspect", str(plan_path), "--pareto", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    (fig,) = drawn
+    (line,) = fig.axes[0].get_lines()
+    assert list(line.get_xdata()) == pytest.approx([100 * p["recompute_fraction"] for p in curve])
+    assert list(line.get_ydata()) == pytest.approx([p["activation_bytes"] / 2**30 for p in curve])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_of_a_plan_without_sweep_is_one_line(plan_path, tmp_path, capsys):
+    """A plan written before the sweep existed has no memory.pareto: exit status 2 and one line saying so."""
+    plan = json.loads(plan_path.read_text())
+    del plan["memory"]["pareto"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert main(["inspect", str(old), "--pareto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "plan has no recompute sweep" in err[0]

@@ -107,13 +107,40 @@ def test_serve_submits_on_arrival_and_steps_when_idle():
     assert eng.steps > 9
 
 
-def test_plot_throughput_writes_png(tmp_path):
-    """The chart is written from an engine history."""
-    hist = [dict(t=0.1 * i, seconds=0.1, decode_tokens=2, prefill_tokens=0, ft_forward_tokens=10,
-                 ft_backward_layers=0, generated_tokens=2, ft_tokens_done=0) for i in range(100)]
+def test_plot_throughput_draws_the_history(tmp_path, monkeypatch):
+    """The chart has one axis with two series, inference (generated tokens/s) and finetuning (forward tokens/s),
+    whose points are the history's tokens per bucket over the bucket's width (the last bucket partial), by hand;
+    the PNG is 8 x 3.6 in at 110 dpi and has both lines' colours drawn in it."""
+    import matplotlib.figure
+    import matplotlib.image
+    from matplotlib.colors import to_rgb
+
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k))[1])
+    rows = [(0.0, 2, 10), (0.5, 2, 10), (1.0, 2, 10), (1.5, 2, 10),   # bucket [0, 2): 8 and 40 tokens
+            (2.0, 3, 0), (2.5, 3, 20),                                # bucket [2, 4): 6 and 20 tokens
+            (4.2, 1, 5)]                                              # bucket [4, 4.5): 1 and 5 tokens in 0.5 s
+    hist = [dict(t=t, seconds=0.3, decode_tokens=9, prefill_tokens=0, ft_forward_tokens=ft, ft_backward_layers=0,
+                 generated_tokens=gen, ft_tokens_done=0) for t, gen, ft in rows]
     path = tmp_path / "t.png"
-    main_job.plot_throughput(hist, str(path), bucket=2.0)
-    assert path.read_bytes()[:4] == b"\x89PNG"
+    main_job.plot_throughput(hist, str(path), bucket=2.0, title="run")
+    (fig,) = drawn
+    (ax,) = fig.axes
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    inf, ft = lines["inference (generated tokens/s)"], lines["finetuning (forward tokens/s)"]
+    assert list(inf.get_xdata()) == pytest.approx([1.0, 3.0, 4.25])
+    assert list(inf.get_ydata()) == pytest.approx([8 / 2, 6 / 2, 1 / 0.5])
+    assert list(ft.get_ydata()) == pytest.approx([40 / 2, 20 / 2, 5 / 0.5])
+    assert ax.get_title() == "run" and ax.get_ylabel() == "tokens/s"
+    img = matplotlib.image.imread(str(path))
+    assert img.shape[:2] == (round(3.6 * 110), 8 * 110)
+    for line in (inf, ft):
+        rgb = to_rgb(line.get_color())
+        assert ((abs(img[..., :3] - rgb) < 0.02).all(axis=-1)).sum() > 100, line.get_label()
+    with pytest.raises(ValueError, match="nothing to plot"):
+        main_job.plot_throughput([], str(tmp_path / "empty.png"))
 
 
 def test_cli_bad_rate_is_one_line(capsys):

@@ -13,10 +13,9 @@ from flexc.models import build_fake_model, resolve_model
 from tests.utils import write_config
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    path = write_config(tmp_path_factory.mktemp("cfg"), "llama")
-    return flexc.compile(path, lora=LoraSpec(r=4, alpha=8), seq_len=16)
+@pytest.fixture()
+def compiled(tiny_llama):
+    return tiny_llama.cm                   # the session's tiny Llama: LoRA r=4 alpha=8, seq_len 16
 
 
 def _ops(gm, needle):

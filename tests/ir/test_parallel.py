@@ -6,7 +6,8 @@ import sympy
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from flexc.ir.parallel import NoRuleError, Partial, Replicate, Shard, propagate
+from flexc.ir.parallel import propagate
+from flexc.ir.placements import NoRuleError, Partial, Replicate, Shard
 from flexc.ir.sharded import collective_nodes, make_sharded_graph
 
 

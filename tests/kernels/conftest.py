@@ -1,8 +1,8 @@
 """Kernel tests run the Triton kernels in the CPU interpreter when there is no GPU.
 
-``TRITON_INTERPRET=1`` is set per test (flexc jits its kernels at first launch,
-so this works even when triton was imported earlier); the interpreter computes
-bf16 wrongly, so the Triton tests use fp32 and fp16 only.
+``TRITON_INTERPRET=1`` is set for the whole session by ``tests/conftest.py`` when
+there is no GPU (before triton is first imported); the interpreter computes bf16
+wrongly, so the Triton tests use fp32 and fp16 only.
 """
 import pytest
 import torch
@@ -13,10 +13,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(autouse=True)
-def _triton_interpreter_without_gpu(monkeypatch):
-    """Interpret Triton kernels on the CPU; leave a GPU run native."""
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _default_dispatch(monkeypatch):
+    """Every test starts from the default dispatch rule."""
     monkeypatch.delenv("FLEXC_KERNELS", raising=False)
 
 

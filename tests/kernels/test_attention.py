@@ -1,4 +1,5 @@
-"""flexc::attention: the torch reference against SDPA and autograd, the Triton kernels against the reference.
+"""The attention ops: the torch references against SDPA and autograd; the fused CPU backend and the Triton
+kernels against the references; flexc::paged_attention's cache writes.
 
 Sizes are tiny on purpose: the Triton kernels run in the CPU interpreter here.
 """
@@ -7,6 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from flexc.kernels import attention as attn
+from flexc.kernels import attention_cpu as fast
+from flexc.kernels import attention_ref as ref
+from flexc.kernels import attention_triton as tri
 from flexc.kernels._triton import triton_importable
 
 requires_triton = pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
@@ -100,7 +104,7 @@ def _paged_batch(hq, hkv, d, dtype, device, block_size=4, seed=0):
 def test_varlen_ref_matches_sdpa_per_sequence(hq, hkv, window):
     """The varlen reference equals SDPA run sequence by sequence (and logsumexp of the scores)."""
     q, k, v = _qkv(LENS, hq, hkv, 8, torch.float64, "cpu")
-    out, lse = attn.varlen_attention_ref(q, k, v, _cu(LENS, "cpu"), 0.3, window)
+    out, lse = ref.varlen_attention_ref(q, k, v, _cu(LENS, "cpu"), 0.3, window)
     want_out, want_lse = _plain_varlen(q, k, v, LENS, 0.3, window)
     torch.testing.assert_close(out, want_out, **TOL[torch.float64])
     torch.testing.assert_close(lse, want_lse, **TOL[torch.float64])
@@ -114,8 +118,8 @@ def test_varlen_backward_ref_matches_autograd(hq, hkv, window):
     want_out, want_lse = _plain_varlen(q, k, v, LENS, 0.3, window)
     dout, dlse = torch.randn_like(want_out), torch.randn_like(want_lse)
     want = torch.autograd.grad((want_out * dout).sum() + (want_lse * dlse).sum(), (q, k, v))
-    out, lse = attn.varlen_attention_ref(q, k, v, _cu(LENS, "cpu"), 0.3, window)
-    got = attn.varlen_attention_backward_ref(dout, q, k, v, out, lse, _cu(LENS, "cpu"), dlse, 0.3, window)
+    out, lse = ref.varlen_attention_ref(q, k, v, _cu(LENS, "cpu"), 0.3, window)
+    got = ref.varlen_attention_backward_ref(dout, q, k, v, out, lse, _cu(LENS, "cpu"), dlse, 0.3, window)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOL[torch.float64])
 
@@ -133,8 +137,8 @@ def test_attention_op_gradcheck_fp64():
 def test_paged_ref_matches_sdpa_over_full_sequences(hq, hkv, window):
     """After write_kv_ref, paged_attention_ref over scattered blocks equals SDPA over each full sequence."""
     kw, new_k, new_v, slots, full_k, full_v = _paged_batch(hq, hkv, 8, torch.float64, "cpu")
-    attn.write_kv_ref(new_k, new_v, kw["k_cache"], kw["v_cache"], slots)
-    out, lse = attn.paged_attention_ref(**kw, scale=0.3, window=window)
+    ref.write_kv_ref(new_k, new_v, kw["k_cache"], kw["v_cache"], slots)
+    out, lse = ref.paged_attention_ref(**kw, scale=0.3, window=window)
     s = 0
     for c, n, kk, vv in zip(CTX_LENS, NEW_LENS, full_k, full_v):
         o, l = _plain_sequence(kw["q"][s:s + n], kk, vv, torch.arange(c, c + n), torch.arange(c + n), 0.3, window)
@@ -143,21 +147,77 @@ def test_paged_ref_matches_sdpa_over_full_sequences(hq, hkv, window):
         s += n
 
 
-def test_op_uses_paged_cache_when_a_context_is_current():
-    """Under paged_context the op writes the new K/V into the current layer's cache, then attends to it."""
+def test_paged_op_writes_the_given_cache_then_attends():
+    """flexc::paged_attention writes the new K/V into the cache it is given (and no other), then attends over
+    it as the reference does; opcheck accepts its declared mutation of the caches."""
     kw, new_k, new_v, slots, full_k, _ = _paged_batch(2, 2, 8, torch.float32, "cpu")
     other = torch.zeros_like(kw["k_cache"])
-    ctx = attn.PagedAttentionContext(k_caches=[other, kw["k_cache"]], v_caches=[other, kw["v_cache"]],
-                                     block_tables=kw["block_tables"], context_lens=kw["context_lens"],
-                                     slot_mapping=slots, layer=1)
-    with attn.paged_context(ctx):
-        out, lse = torch.ops.flexc.attention(kw["q"], new_k, new_v, kw["cu_seqlens"], 0.3, 0)
-    assert attn.current_paged_context() is None
+    want_k, want_v = kw["k_cache"].clone(), kw["v_cache"].clone()
+    ref.write_kv_ref(new_k, new_v, want_k, want_v, slots)
+    want_out, want_lse = ref.paged_attention_ref(kw["q"], want_k, want_v, kw["block_tables"], kw["context_lens"],
+                                                 kw["cu_seqlens"], 0.3)
+    out, lse = torch.ops.flexc.paged_attention(kw["q"], new_k, new_v, kw["k_cache"], kw["v_cache"],
+                                               kw["block_tables"], kw["context_lens"], slots, kw["cu_seqlens"],
+                                               0.3, 0)
     assert torch.count_nonzero(other) == 0
-    torch.testing.assert_close(kw["k_cache"].view(-1, 2, 8)[slots], new_k)
-    want_out, want_lse = attn.paged_attention_ref(**kw, scale=0.3)
+    torch.testing.assert_close(kw["k_cache"], want_k)
+    torch.testing.assert_close(kw["v_cache"], want_v)
     torch.testing.assert_close(out, want_out)
     torch.testing.assert_close(lse, want_lse)
+    torch.library.opcheck(torch.ops.flexc.paged_attention.default,
+                          (kw["q"], new_k, new_v, kw["k_cache"], kw["v_cache"], kw["block_tables"],
+                           kw["context_lens"], slots, kw["cu_seqlens"], 0.3, 0))
+    schema = torch.ops.flexc.paged_attention.default._schema
+    assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == \
+        ["k_cache", "v_cache"]
+
+
+# ----------------------------------------------------------------- the fused CPU backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 2)])
+def test_varlen_cpu_matches_ref_forward_and_backward(dtype, hq, hkv):
+    """The fused CPU varlen attention and its backward equal the references (GQA, empty and 1-token
+    sequences), without materialized scores."""
+    q, k, v = _qkv(LENS, hq, hkv, 16, dtype, "cpu")
+    cu = _cu(LENS, "cpu")
+    out, lse = fast.varlen_attention_cpu(q, k, v, cu, 0.3)
+    want_out, want_lse = ref.varlen_attention_ref(q, k, v, cu, 0.3)
+    tol = TOL[torch.float32] if dtype == torch.float32 else dict(atol=6e-2, rtol=6e-2)   # bf16: 8-bit mantissa
+    torch.testing.assert_close(out, want_out, **tol)
+    torch.testing.assert_close(lse, want_lse.float(), **tol)
+    dout = torch.randn_like(out)
+    got = fast.varlen_attention_backward_cpu(dout, q, k, v, out, lse, cu, None, 0.3)
+    want = ref.varlen_attention_backward_ref(dout, q, k, v, want_out, want_lse, cu, None, 0.3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("decodes", [3, 21])
+def test_paged_cpu_matches_ref_on_a_serving_batch(decodes):
+    """A serving batch of decode tokens (one group, or several length groups), first chunks and later chunks
+    over scattered blocks: the CPU backend equals the reference (fp32, GQA)."""
+    g = torch.Generator().manual_seed(decodes)
+    ctx = [int(x) for x in torch.randint(1, 40, (decodes,), generator=g)] + [0, 0, 11, 5]
+    new = [1] * decodes + [7, 1, 9, 3]
+    bs, hq, hkv, d = 4, 8, 2, 16
+    nblk = [-(-(c + n) // bs) for c, n in zip(ctx, new)]
+    pool = torch.randperm(sum(nblk) + 5, generator=g)
+    bt = torch.full((len(ctx), max(nblk)), -1, dtype=torch.int32)
+    slots, p = [], 0
+    for i, (c, n) in enumerate(zip(ctx, new)):
+        bt[i, :nblk[i]] = pool[p:p + nblk[i]].to(torch.int32)
+        p += nblk[i]
+        slots += [int(bt[i, j // bs]) * bs + j % bs for j in range(c, c + n)]
+    kc, vc = torch.randn(len(pool), bs, hkv, d, generator=g), torch.randn(len(pool), bs, hkv, d, generator=g)
+    T = sum(new)
+    q, k, v = torch.randn(T, hq, d, generator=g), torch.randn(T, hkv, d, generator=g), torch.randn(T, hkv, d, generator=g)
+    slots = torch.tensor(slots)
+    ref.write_kv_ref(k, v, kc, vc, slots)
+    args = (bt, torch.tensor(ctx, dtype=torch.int32), _cu(new, "cpu"), 0.3)
+    out, lse = fast.paged_attention_cpu(q, k, v, kc, vc, *args)
+    want_out, want_lse = ref.paged_attention_ref(q, kc, vc, *args)
+    torch.testing.assert_close(out, want_out, **TOL[torch.float32])
+    torch.testing.assert_close(lse, want_lse, **TOL[torch.float32])
 
 
 def test_opcheck_attention_ops_reference():
@@ -165,22 +225,22 @@ def test_opcheck_attention_ops_reference():
     q, k, v = (t.detach().requires_grad_() for t in _qkv([3, 0, 5], 4, 2, 8, torch.float32, "cpu"))
     cu = _cu([3, 0, 5], "cpu")
     torch.library.opcheck(torch.ops.flexc.attention.default, (q, k, v, cu, 0.3, 0))
-    out, lse = attn.varlen_attention_ref(q.detach(), k.detach(), v.detach(), cu, 0.3, 0)
+    out, lse = ref.varlen_attention_ref(q.detach(), k.detach(), v.detach(), cu, 0.3, 0)
     torch.library.opcheck(torch.ops.flexc.attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cu, None, 0.3, 0))
 
 
-def test_dispatch_picks_reference_on_cpu_and_triton_when_forced(monkeypatch):
-    """CPU tensors dispatch to the reference; FLEXC_KERNELS=triton forces Triton; fp64 always uses the reference."""
+def test_dispatch_picks_the_fused_cpu_path_the_reference_or_triton(monkeypatch):
+    """CPU tensors run the fused CPU backend, FLEXC_KERNELS=torch the references, FLEXC_KERNELS=triton Triton."""
     q = torch.zeros(2, 2, 8)
-    assert attn._backend_for(q) is attn._TORCH
+    assert attn.backend_for(q).name == "cpu"
+    monkeypatch.setenv("FLEXC_KERNELS", "torch")
+    assert attn.backend_for(q).name == "torch"
     if triton_importable():
         monkeypatch.setenv("FLEXC_KERNELS", "triton")
-        assert attn._backend_for(q) is attn._TRITON
-        assert attn._backend_for(q.double()) is attn._TORCH
-    monkeypatch.setenv("FLEXC_KERNELS", "fast")
-    with pytest.raises(ValueError, match="FLEXC_KERNELS"):
-        attn._backend_for(q)
+        assert attn.backend_for(q).name == "triton"
+        assert attn.backend_for(q.double()).name == "cpu"
+
 
 
 # ----------------------------------------------------------------- Triton kernels
@@ -192,8 +252,8 @@ def test_varlen_triton_matches_ref(dtype, hq, hkv, window, device):
     """The Triton varlen forward equals the reference (out and lse) on a ragged batch with empty sequences."""
     q, k, v = _qkv(LENS, hq, hkv, 16, dtype, device)
     cu = _cu(LENS, device)
-    out, lse = attn.varlen_attention_triton(q, k, v, cu, 0.25, window)
-    want_out, want_lse = attn.varlen_attention_ref(q, k, v, cu, 0.25, window)
+    out, lse = tri.varlen_attention_triton(q, k, v, cu, 0.25, window)
+    want_out, want_lse = ref.varlen_attention_ref(q, k, v, cu, 0.25, window)
     torch.testing.assert_close(out, want_out, **TOL[dtype])
     torch.testing.assert_close(lse, want_lse, **TOL[torch.float32])
 
@@ -206,10 +266,10 @@ def test_varlen_backward_triton_matches_ref(dtype, hq, hkv, window, device):
     """The Triton FlashAttention-2 backward equals the reference backward (dq, dk, dv; lse gradient included)."""
     q, k, v = _qkv(LENS, hq, hkv, 16, dtype, device, seed=1)
     cu = _cu(LENS, device)
-    out, lse = attn.varlen_attention_ref(q, k, v, cu, 0.25, window)
+    out, lse = ref.varlen_attention_ref(q, k, v, cu, 0.25, window)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    got = attn.varlen_attention_backward_triton(dout, q, k, v, out, lse, cu, dlse, 0.25, window)
-    want = attn.varlen_attention_backward_ref(dout, q, k, v, out, lse, cu, dlse, 0.25, window)
+    got = tri.varlen_attention_backward_triton(dout, q, k, v, out, lse, cu, dlse, 0.25, window)
+    want = ref.varlen_attention_backward_ref(dout, q, k, v, out, lse, cu, dlse, 0.25, window)
     tol = TOL[dtype] if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tol)
@@ -222,9 +282,9 @@ def test_varlen_backward_triton_matches_ref(dtype, hq, hkv, window, device):
 def test_paged_triton_matches_ref(dtype, hq, hkv, window, device):
     """The Triton paged forward (prefill chunks + decode tokens, scattered blocks) equals the reference."""
     kw, new_k, new_v, slots, _, _ = _paged_batch(hq, hkv, 16, dtype, device)
-    attn.write_kv_ref(new_k, new_v, kw["k_cache"], kw["v_cache"], slots)
-    out, lse = attn.paged_attention_triton(**kw, scale=0.25, window=window)
-    want_out, want_lse = attn.paged_attention_ref(**kw, scale=0.25, window=window)
+    ref.write_kv_ref(new_k, new_v, kw["k_cache"], kw["v_cache"], slots)
+    out, lse = tri.paged_attention_triton(**kw, scale=0.25, window=window)
+    want_out, want_lse = ref.paged_attention_ref(**kw, scale=0.25, window=window)
     torch.testing.assert_close(out, want_out, **TOL[dtype])
     torch.testing.assert_close(lse, want_lse, **TOL[torch.float32])
 
@@ -238,9 +298,9 @@ def test_paged_triton_all_decode_batch(device):
     rows = torch.tensor([starts[i] for i in keep], device=device)
     kw.update(q=kw["q"][rows], block_tables=kw["block_tables"][keep], context_lens=kw["context_lens"][keep],
               cu_seqlens=_cu([1] * len(keep), device))
-    attn.write_kv_ref(new_k[rows], new_v[rows], kw["k_cache"], kw["v_cache"], slots[rows])
-    out, lse = attn.paged_attention_triton(**kw, scale=0.25)
-    want_out, want_lse = attn.paged_attention_ref(**kw, scale=0.25)
+    ref.write_kv_ref(new_k[rows], new_v[rows], kw["k_cache"], kw["v_cache"], slots[rows])
+    out, lse = tri.paged_attention_triton(**kw, scale=0.25)
+    want_out, want_lse = ref.paged_attention_ref(**kw, scale=0.25)
     torch.testing.assert_close(out, want_out, **TOL[torch.float32])
     torch.testing.assert_close(lse, want_lse, **TOL[torch.float32])
 
@@ -251,8 +311,8 @@ def test_write_kv_triton_matches_ref(dtype, device):
     """The Triton KV write puts every new key/value into the same cache slots as the reference."""
     kw, new_k, new_v, slots, _, _ = _paged_batch(2, 2, 16, dtype, device)
     k_ref, v_ref = kw["k_cache"].clone(), kw["v_cache"].clone()
-    attn.write_kv_ref(new_k, new_v, k_ref, v_ref, slots)
-    attn.write_kv_triton(new_k, new_v, kw["k_cache"], kw["v_cache"], slots)
+    ref.write_kv_ref(new_k, new_v, k_ref, v_ref, slots)
+    tri.write_kv_triton(new_k, new_v, kw["k_cache"], kw["v_cache"], slots)
     assert torch.equal(kw["k_cache"], k_ref) and torch.equal(kw["v_cache"], v_ref)
 
 
@@ -264,7 +324,7 @@ def test_op_with_triton_matches_reference_through_autograd(force_triton, device)
     out, lse = torch.ops.flexc.attention(q, k, v, cu, 0.25, 0)
     loss = out.square().sum() + lse.sum()
     got = torch.autograd.grad(loss, (q, k, v))
-    want_out, want_lse = attn.varlen_attention_ref(q, k, v, cu, 0.25, 0)
+    want_out, want_lse = ref.varlen_attention_ref(q, k, v, cu, 0.25, 0)
     want = torch.autograd.grad(want_out.square().sum() + want_lse.sum(), (q, k, v))
     torch.testing.assert_close(out, want_out, **TOL[torch.float32])
     for g, w in zip(got, want):

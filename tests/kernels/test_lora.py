@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from flexc.kernels import lora as lora_mod
+from flexc.kernels import lora_ref as ref
+from flexc.kernels import lora_triton as tri
 from flexc.kernels._triton import triton_importable
 
 requires_triton = pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
@@ -57,7 +59,7 @@ def _plain_lora(x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling)
 def test_ref_matches_per_token_gather():
     """lora_ref equals the per-token gather computation; rows without adapter are base_out exactly."""
     args = _batch(6, torch.float64, "cpu")
-    out = lora_mod.lora_ref(*args)
+    out = ref.lora_ref(*args)
     torch.testing.assert_close(out, _plain_lora(*args), **TOL[torch.float64])
     none = _token_adapters(args[4], args[5]) < 0
     assert torch.equal(out[none], args[1][none])
@@ -70,7 +72,7 @@ def test_backward_ref_matches_autograd():
     out = _plain_lora(x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling)
     dout = torch.randn_like(out)
     want = torch.autograd.grad((out * dout).sum(), (x, A_stack, B_stack))
-    got = lora_mod.lora_backward_ref(dout, x, A_stack, B_stack, seg_starts, seg_adapter, scaling)
+    got = ref.lora_backward_ref(dout, x, A_stack, B_stack, seg_starts, seg_adapter, scaling)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOL[torch.float64])
     assert torch.count_nonzero(got[1][3]) == 0 and torch.count_nonzero(got[2][3]) == 0   # unused adapter
@@ -97,10 +99,10 @@ def test_opcheck_lora_reference():
 
 def test_make_segments_groups_consecutive_tokens():
     """make_segments turns per-token adapter ids into runs (and an empty batch into no segments)."""
-    starts, adapters = lora_mod.make_segments(torch.tensor([2, 2, -1, 0, 0, 0, 2]))
+    starts, adapters = ref.make_segments(torch.tensor([2, 2, -1, 0, 0, 0, 2]))
     assert starts.tolist() == [0, 2, 3, 6, 7] and adapters.tolist() == [2, -1, 0, 2]
     assert starts.dtype == adapters.dtype == torch.int32
-    starts, adapters = lora_mod.make_segments(torch.tensor([], dtype=torch.long))
+    starts, adapters = ref.make_segments(torch.tensor([], dtype=torch.long))
     assert starts.tolist() == [0] and adapters.tolist() == []
 
 
@@ -114,7 +116,7 @@ def test_bad_segments_raise_value_error(change, match):
     lens, adapters = change.get("seg_lens", SEG_LENS), change.get("seg_adapter", SEG_ADAPTERS)
     seg_starts, seg_adapter = _segments(lens, adapters, "cpu")
     with pytest.raises(ValueError, match=match):
-        lora_mod.lora_ref(x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling)
+        ref.lora_ref(x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling)
 
 
 def test_bad_shapes_raise_value_error():
@@ -141,11 +143,11 @@ def test_dispatch_picks_reference_on_cpu_and_triton_when_forced(monkeypatch):
 def test_shrink_expand_triton_match_ref(dtype, rank, device):
     """Triton shrink (x·A) and expand (base + s·u·Bᵀ) each equal the reference; rows without adapter untouched."""
     x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling = _batch(rank, dtype, device)
-    u = lora_mod.lora_shrink_triton(x, A_stack, seg_starts, seg_adapter)
-    want_u = lora_mod.lora_shrink_ref(x, A_stack, seg_starts, seg_adapter)
+    u = tri.lora_shrink_triton(x, A_stack, seg_starts, seg_adapter)
+    want_u = ref.lora_shrink_ref(x, A_stack, seg_starts, seg_adapter)
     torch.testing.assert_close(u, want_u, **TOL[dtype])
-    out = lora_mod.lora_expand_triton(base_out, want_u, B_stack, seg_starts, seg_adapter, scaling)
-    torch.testing.assert_close(out, lora_mod.lora_expand_ref(base_out, want_u, B_stack, seg_starts, seg_adapter,
+    out = tri.lora_expand_triton(base_out, want_u, B_stack, seg_starts, seg_adapter, scaling)
+    torch.testing.assert_close(out, ref.lora_expand_ref(base_out, want_u, B_stack, seg_starts, seg_adapter,
                                                              scaling), **TOL[dtype])
     none = _token_adapters(seg_starts, seg_adapter) < 0
     assert torch.equal(out[none], base_out[none]) and torch.count_nonzero(u[none]) == 0
@@ -158,8 +160,8 @@ def test_lora_backward_triton_matches_ref(dtype, rank, device):
     """The Triton backward (dx, per-adapter dA and dB summed over segments) equals the reference."""
     x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling = _batch(rank, dtype, device, seed=1)
     dout = torch.randn_like(base_out)
-    got = lora_mod.lora_backward_triton(dout, x, A_stack, B_stack, seg_starts, seg_adapter, scaling)
-    want = lora_mod.lora_backward_ref(dout, x, A_stack, B_stack, seg_starts, seg_adapter, scaling)
+    got = tri.lora_backward_triton(dout, x, A_stack, B_stack, seg_starts, seg_adapter, scaling)
+    want = ref.lora_backward_ref(dout, x, A_stack, B_stack, seg_starts, seg_adapter, scaling)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOL[dtype])
 
@@ -170,8 +172,8 @@ def test_decode_batch_gathers_per_token(device):
     adapters = [3, 0, -1, 2, 2, 1, 0, -1, 3]
     x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling = _batch(
         16, torch.float32, device, lens=[1] * len(adapters), adapters=adapters)
-    out = lora_mod.lora_triton(x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling)
-    torch.testing.assert_close(out, lora_mod.lora_ref(x, base_out, A_stack, B_stack, seg_starts, seg_adapter,
+    out = tri.lora_triton(x, base_out, A_stack, B_stack, seg_starts, seg_adapter, scaling)
+    torch.testing.assert_close(out, ref.lora_ref(x, base_out, A_stack, B_stack, seg_starts, seg_adapter,
                                                       scaling), **TOL[torch.float32])
 
 

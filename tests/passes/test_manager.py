@@ -8,7 +8,7 @@ import pytest
 
 import flexc
 from flexc.ir.spec import LoraSpec
-from flexc.passes.manager import PassContext, PassError, PassManager, register_pass, resolve_pass
+from flexc.passes.manager import PassContext, PassError, PassManager, define_pass, resolve_pass
 from tests.utils import write_config
 
 
@@ -34,17 +34,18 @@ def test_example_user_pass_report_reaches_plan(cfg_path, tmp_path):
 
 
 def test_registered_pass_and_context_options(cfg_path):
-    """A registered pass gets the compile options through ctx.options and earlier reports through ctx.results."""
+    """A pass given as a function gets the compile options through ctx.options and earlier reports through ctx.results."""
     seen = {}
 
-    @register_pass("test_seen")
+    @define_pass("test_seen")
     def test_seen(graph, ctx):
         seen.update(ctx.options)
         return {"modified": False, "regions": len(graph.regions)}
 
-    cm = flexc.compile(cfg_path, lora=LoraSpec(r=2), seq_len=8, passes=["test_seen"], device_memory=123)
+    cm = flexc.compile(cfg_path, lora=LoraSpec(r=2), seq_len=8, passes=[test_seen], device_memory=123)
     assert seen["device_memory"] == 123 and seen["seq_len"] == 8
-    assert cm.plan()["passes"][-1]["report"] == {"modified": False, "regions": 4}
+    assert cm.plan()["passes"][-1] == {**cm.plan()["passes"][-1], "name": "test_seen",
+                                       "report": {"modified": False, "regions": 4}}
 
 
 def test_entry_point_pass(monkeypatch):
@@ -77,12 +78,12 @@ def test_failing_pass_names_itself_and_predecessors():
 
 def test_requires_is_checked():
     """A pass whose required pass has not run is refused before it runs."""
-    fn = register_pass("needs_prune_test", requires=("prune_missing",))(lambda g, c: {})
+    fn = define_pass("needs_prune_test", requires=("prune_missing",))(lambda g, c: {})
     with pytest.raises(PassError, match="requires"):
         PassManager([("needs_prune_test", fn)]).run(graph=None, ctx=PassContext())
 
 
-@pytest.mark.parametrize("spec,msg", [("nosuchpass", "unknown pass"), ("json:nope", "has no function"),
+@pytest.mark.parametrize("spec,msg", [("nosuchpass", "unknown pass"), ("", "must be a name"), ("json:nope", "has no function"),
                                       ("no_such_module_x:f", "cannot import")])
 def test_bad_pass_specs(spec, msg):
     """Unknown names, missing functions and unimportable modules are ValueErrors naming the spec."""

@@ -73,3 +73,32 @@ def test_inference_only_plan(tmp_path):
     mem = cm.plan()["memory"]
     assert mem["strategies"] == {} and mem["breakdown"]["activations"] == 0
     assert mem["kv_tokens_for_inference"] == (2**24 - mem["base_weight_bytes"]) // mem["kv_cache_bytes_per_token"]
+
+
+def test_whole_model_curve_runs_from_checkpoint_bytes_to_pruned(tiny_llama):
+    """plan.json's memory.pareto: ascending in price, recompute falls and bytes rise strictly; its ends are the
+    memory plan's 'pruned' (bytes and FLOPs) and checkpoint's bytes (for at most checkpoint's recompute); the
+    installed plan lies on or above the curve (its regions may choose at different prices)."""
+    mem = tiny_llama.cm.plan()["memory"]
+    curve, strategies = mem["pareto"], mem["strategies"]
+    for a, b in zip(curve, curve[1:]):
+        assert a["price_high"] == b["price_low"]
+        assert a["recompute_flops"] > b["recompute_flops"] and a["activation_bytes"] < b["activation_bytes"]
+    pruned, ckpt = strategies["pruned"], strategies["checkpoint"]
+    assert (curve[-1]["activation_bytes"], curve[-1]["recompute_flops"]) == \
+        (pruned["activation_bytes"], pruned["recompute_flops"])
+    assert curve[0]["activation_bytes"] == ckpt["activation_bytes"]
+    assert curve[0]["recompute_flops"] <= ckpt["recompute_flops"]
+    # the no-recompute end still recomputes what only a LoRA branch computes (x @ A.T ...: never saved)
+    assert 0 < curve[-1]["recompute_fraction"] < 0.05
+    assert curve[-1]["recompute_fraction"] < curve[0]["recompute_fraction"] <= ckpt["recompute_fraction"]
+    chosen = strategies["pruned_remat"]
+    x, y = chosen["recompute_flops"], chosen["activation_bytes"]
+    right = next(p for p in curve if p["recompute_flops"] <= x)            # the curve, descending in FLOPs
+    left = curve[curve.index(right) - 1] if curve.index(right) else right
+    if left is right:
+        below = right["activation_bytes"]
+    else:                                                                  # linear between the two vertices
+        w = (x - right["recompute_flops"]) / (left["recompute_flops"] - right["recompute_flops"])
+        below = right["activation_bytes"] + w * (left["activation_bytes"] - right["activation_bytes"])
+    assert below <= y * (1 + 1e-9)

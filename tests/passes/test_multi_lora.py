@@ -4,11 +4,11 @@ import torch
 import torch.fx as fx
 
 import flexc
-from flexc.ir.vocab import InputRef
+from flexc.ir.vocab import InputKind, InputRef
 from flexc.ir.program import RegionProgram
 from flexc.ir.spec import LoraSpec
 from flexc.models import load_model, resolve_model
-from flexc.passes.multi_lora import A_STACK, B_STACK, SCALING, SEG_ADAPTER, SEG_STARTS, rewrite_multi_lora
+from flexc.passes.multi_lora import branch_internals, rewrite_multi_lora
 from flexc.runtime.regions import RegionRunner
 from tests.utils import packed_batch, rel_err, write_config
 
@@ -48,7 +48,7 @@ def test_one_lora_op_per_adapted_linear(tmp_path, arch, dtype, targets):
     assert set(report.scaling.values()) == {2.0}
     refs = [p.meta["flexc_ref"] for p in g.find_nodes(op="placeholder")]
     assert not any(".lora_" in x.target for x in refs if x.kind == "param")
-    assert [x.kind for x in refs].count(A_STACK) == len(targets) and [x.kind for x in refs].count(SEG_STARTS) == 1
+    assert [x.kind for x in refs].count(InputKind.LORA_A_STACK) == len(targets) and [x.kind for x in refs].count(InputKind.SEG_STARTS) == 1
     mms = [n for n in g.nodes if n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]
     assert len(mms) == 7                                          # only the seven base linears are left
     assert report.num_nodes_after < report.num_nodes_before
@@ -89,12 +89,12 @@ def test_segments_give_each_adapters_captured_output(tmp_path):
     for r in (p.meta["flexc_ref"] for p in g.find_nodes(op="placeholder")):
         if r.kind == "param":
             vals.append(module.get_parameter(r.target))
-        elif r.kind in (A_STACK, B_STACK):
+        elif r.kind in (InputKind.LORA_A_STACK, InputKind.LORA_B_STACK):
             vals.append(torch.stack([a[r.target] for a in adapters]))
-        elif r.kind == SCALING:
+        elif r.kind is InputKind.LORA_SCALING:
             vals.append(torch.full((3,), report.scaling[r.target]))
         else:
-            vals.append({SEG_STARTS: cu, SEG_ADAPTER: seg_adapter}.get(r.kind, args.get(r.index)))
+            vals.append({InputKind.SEG_STARTS: cu, InputKind.SEG_ADAPTER: seg_adapter}.get(r.kind, args.get(r.index)))
     (out,) = rewritten(*vals)
     for j, a in enumerate(seg_adapter.tolist()):
         bound = adapters[a] if a >= 0 else {k: torch.zeros_like(p) for k, p in lora.items()}
@@ -134,5 +134,7 @@ def test_hand_written_branch_is_rewritten_and_a_wrong_one_refused():
     one = torch.tensor([0, 5], dtype=torch.int32)
     got = fx.GraphModule({}, g)(x, w, a[None], b[None], torch.tensor([2.0]), one, torch.tensor([0], dtype=torch.int32))
     torch.testing.assert_close(got[0], want)
+    assert branch_internals(_hand_graph(transpose_a=True)) == {"layer.proj": ["mm_default_1", "mm_default_2",
+                                                                             "mul_tensor"]}
     with pytest.raises(ValueError, match=r"layer\.proj .* not transposed .* at node a"):
         rewrite_multi_lora(_hand_graph(transpose_a=False))

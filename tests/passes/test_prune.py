@@ -6,7 +6,8 @@ from flexc.ir.graph import DECISION, Decision
 from flexc.passes.manager import PassContext
 from flexc.runtime.measure import measure_saved_bytes
 from flexc.ir.vocab import evaluate_at
-from flexc.passes.prune import STRATEGIES, parse_budget, partition_region, prune
+from flexc.passes.joint import JointAnalysis
+from flexc.passes.prune import (STRATEGIES, parse_budget, parse_recompute_budget, partition_region, prune)
 from tests.utils import rel_err
 
 
@@ -90,3 +91,83 @@ def test_bad_budget_is_a_value_error(budget):
     """A budget that is not max/min/auto or positive bytes per token is refused, naming the value."""
     with pytest.raises(ValueError, match="activation_budget"):
         parse_budget(budget)
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+def _at(e, seq_len=16):
+    return evaluate_at(e, seq_len)
+
+
+def test_sweep_is_monotone_between_fewest_bytes_and_pruned(tiny_llama):
+    """Along the sweep (ascending price, contiguous price intervals from 0 to inf) recompute falls and saved bytes
+    rise strictly: more recompute never keeps more bytes. The no-recompute end is the 'pruned' plan; the other end
+    keeps checkpoint's bytes for at most checkpoint's recompute."""
+    rep = tiny_llama.cm.passes[0].report
+    assert set(rep.sweeps) == {"layer.0", "head"}
+    for name, points in rep.sweeps.items():
+        plans = rep.regions[name]
+        assert len(points) >= 3 and points[0].price_low == 0 and points[-1].price_high == float("inf")
+        for a, b in zip(points, points[1:]):
+            assert a.price_low < a.price_high == b.price_low
+            assert _at(a.plan.recompute_flops) > _at(b.plan.recompute_flops)
+            assert _at(a.plan.saved_bytes) < _at(b.plan.saved_bytes)
+        assert points[-1].plan.recomputed == plans["pruned"].recomputed
+        assert _at(points[-1].plan.saved_bytes) == _at(plans["pruned"].saved_bytes)
+        assert _at(points[0].plan.saved_bytes) == _at(plans["checkpoint"].saved_bytes)
+        assert _at(points[0].plan.recompute_flops) <= _at(plans["checkpoint"].recompute_flops)
+
+
+def test_sweep_holds_the_min_cut_of_every_price(tiny_llama):
+    """An independent min cut at each of 40 prices from 1e-9 to 1e3 bytes/FLOP recomputes exactly what the sweep
+    point whose price interval holds that price recomputes (the breakpoint search misses no saved set)."""
+    rep = tiny_llama.cm.passes[0].report
+    for name, points in rep.sweeps.items():
+        an = JointAnalysis(tiny_llama.cm.graph.regions[name], 16, merge=True)
+        need = an.needed()
+        for k in range(40):
+            price = 10 ** (-9 + 12 * k / 39)
+            (pt,) = [p for p in points if p.price_low < price < p.price_high]
+            if min(price / pt.price_low if pt.price_low else 2, pt.price_high / price) < 1 + 1e-6:
+                continue                                     # on a breakpoint: both neighbours are min cuts
+            plan = an.plan("check", an.min_cut(need, price), need)[0]
+            assert plan.recomputed == pt.plan.recomputed, (name, price)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.35])
+def test_recompute_budget_choice_is_the_curves_best(tiny_llama, fraction):
+    """For a recompute budget the installed plan is a point of the sweep: the one with the fewest saved bytes whose
+    recompute stays within the budget's share of the region's training FLOPs (on top of the LoRA branches' own
+    recompute, which every point has: they are never saved)."""
+    rep = tiny_llama.cm.passes[0].report
+    for name, points in rep.sweeps.items():
+        _, _, plan = partition_region(tiny_llama.cm.graph.regions[name], "pruned_remat", 16,
+                                      recompute_fraction=fraction)
+        limit = fraction * _at(plan.train_flops) + _at(points[-1].plan.recompute_flops)
+        within = [p for p in points if _at(p.plan.recompute_flops) <= limit]
+        best = min(within, key=lambda p: _at(p.plan.saved_bytes))
+        assert plan.recomputed == best.plan.recomputed and _at(plan.recompute_flops) <= limit
+        assert plan.price is not None and best.price_low <= plan.price <= best.price_high
+    chosen = rep.regions["layer.0"]["pruned_remat"]          # what the compile installed (default budget)
+    assert any(p.plan.recomputed == chosen.recomputed for p in rep.sweeps["layer.0"])
+
+
+def test_byte_budget_choice_is_the_least_recompute_that_fits(tiny_llama):
+    """For a byte budget the plan is the sweep point with the least recompute among those within the budget."""
+    rep = tiny_llama.cm.passes[0].report
+    for name, points in rep.sweeps.items():
+        _, _, plan = partition_region(tiny_llama.cm.graph.regions[name], "pruned_remat", 16, budget="1KiB")
+        fits = [p for p in points if _at(p.plan.saved_bytes) / 16 <= 1024]
+        assert fits and plan.recomputed == min(fits, key=lambda p: _at(p.plan.recompute_flops)).plan.recomputed
+
+
+@pytest.mark.parametrize("value,expected", [(0.3, 0.3), ("0.3", 0.3), ("30%", 0.3), (0, 0.0), ("1", 1.0)])
+def test_recompute_budget_forms(value, expected):
+    """A recompute budget is a fraction of training FLOPs in [0, 1], as a number, a numeric string or a percent."""
+    assert parse_recompute_budget(value) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1, "lots", "nan", "120%", True, None])
+def test_bad_recompute_budget_is_a_value_error(value):
+    """Anything else is refused, naming the value and the allowed range."""
+    with pytest.raises(ValueError, match=r"recompute_budget .*expected a fraction of training FLOPs in \[0, 1\]"):
+        parse_recompute_budget(value)

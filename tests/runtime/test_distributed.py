@@ -2,7 +2,7 @@
 import pytest
 
 import flexc
-from flexc.ir.parallel import Shard
+from flexc.ir.placements import Shard
 from flexc.ir.spec import LoraSpec
 from flexc.models import load_model, resolve_model
 from flexc.runtime.launch import spawn

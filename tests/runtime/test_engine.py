@@ -24,7 +24,7 @@ def tiny(request, tmp_path_factory):
     """A saved tiny model, its transformers reference, and one compile + load shared by the module's engines."""
     d = save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
     src = resolve_model(d)
-    compiled = flexc.compile(src, lora=None, dtype="fp32", builtin_passes=())
+    compiled = flexc.compile(src, lora=None, dtype="fp32", builtin_passes=("serve",))
     return d, _ref_model(d), compiled, load_model(src, None, "fp32")
 
 
@@ -61,15 +61,26 @@ def test_greedy_matches_transformers_under_preemption(tiny):
     _check_parity(res, tiny[1], prompts, NEWS)
 
 
-def test_op_attention_path_gives_same_tokens(tiny):
-    """Running flexc::attention as captured (attention='op') also matches transformers."""
-    engine = _engine(tiny, kv_cache_tokens=1024, token_budget=16, attention="op")
+def test_reference_kernels_give_same_tokens(tiny, monkeypatch):
+    """With the kernels' torch references (FLEXC_KERNELS=torch) instead of the fused CPU attention, the
+    tokens still match transformers."""
+    monkeypatch.setenv("FLEXC_KERNELS", "torch")
+    engine = _engine(tiny, kv_cache_tokens=1024, token_budget=16)
     prompts = _prompts(LENS, seed=2)
     _check_parity(engine.generate(prompts, max_new_tokens=NEWS), tiny[1], prompts, NEWS)
 
 
+def test_inductor_backend_gives_same_tokens(tiny):
+    """The serving graphs compiled by torch.compile (Inductor, dynamic token count) give transformers' tokens
+    with chunked prefill, and the compile time is reported."""
+    engine = _engine(tiny, kv_cache_tokens=1024, token_budget=16, backend="inductor")
+    prompts = _prompts(LENS, seed=2)
+    _check_parity(engine.generate(prompts, max_new_tokens=NEWS), tiny[1], prompts, NEWS)
+    assert engine.executor.compile_seconds > 0
+
+
 def test_device_choice_and_errors(tiny):
-    """'auto' picks the CPU here and the batched CPU attention path; bad or absent devices are ValueErrors."""
+    """'auto' picks the CPU here; bad or absent devices and unknown backends are ValueErrors."""
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
     for bad in ("tpu", "gpu0", ""):
         with pytest.raises(ValueError, match="device must be"):
@@ -78,9 +89,9 @@ def test_device_choice_and_errors(tiny):
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda:0")
     engine = _engine(tiny, kv_cache_tokens=256)
-    assert engine.executor.batched and engine.executor.k_caches[0].device.type == "cpu"
-    with pytest.raises(ValueError, match="attention must be one of"):
-        EngineConfig(attention="flash")
+    assert engine.executor.k_caches[0].device.type == "cpu"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        EngineConfig(backend="tvm")
 
 
 @pytest.fixture(scope="module")

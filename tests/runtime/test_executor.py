@@ -1,81 +1,26 @@
-"""Executor pieces: the batched paged attention path against the op's reference, batch building, refusals,
-multi-LoRA batches against PEFT."""
+"""Executor: one serving-graph call per layer per iteration for every kind of token, batch building, refusals,
+multi-LoRA batches against PEFT, and each base projection computed once per iteration (dispatch counter)."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import flexc
-from flexc.kernels.attention import paged_attention_ref, paged_context, write_kv_ref
 from flexc.ir.spec import LoraSpec
 from flexc.models import load_model, resolve_model
 from flexc.runtime.adapters import AdapterRegistry
 from flexc.runtime.batch import ScheduledSequence, SchedulerOutput, SeqKind
+from flexc.runtime.dataset import TrainingSequence
 from flexc.runtime.executor import Executor, make_kv_spec
-from flexc.runtime.paged_attention import BatchedPagedContext, make_decode_groups, paged_attention_batched
+from flexc.runtime.sequence import FinetuneSequence, make_layouts
 from tests.runtime.utils import save_tiny_adapter, save_tiny_model
 from tests.utils import rel_err, write_config
-
-
-def _paged_setup(q_lens, ctx_lens, block_size=4, hq=4, hkv=2, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    nb_per = [-(-(c + q) // block_size) for c, q in zip(ctx_lens, q_lens)]
-    perm = torch.randperm(sum(nb_per) + 3, generator=g).tolist()        # scattered physical blocks
-    tables, i = [], 0
-    for n in nb_per:
-        tables.append(perm[i:i + n])
-        i += n
-    width = max(nb_per)
-    bt = torch.full((len(q_lens), width), -1, dtype=torch.int32)
-    for r, t in enumerate(tables):
-        bt[r, :len(t)] = torch.tensor(t, dtype=torch.int32)
-    kc = torch.randn(len(perm), block_size, hkv, d, generator=g)
-    vc = torch.randn(len(perm), block_size, hkv, d, generator=g)
-    T = sum(q_lens)
-    q = torch.randn(T, hq, d, generator=g)
-    k = torch.randn(T, hkv, d, generator=g)
-    v = torch.randn(T, hkv, d, generator=g)
-    slots = [tables[s][p // block_size] * block_size + p % block_size
-             for s, (c, n) in enumerate(zip(ctx_lens, q_lens)) for p in range(c, c + n)]
-    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    return q, k, v, kc, vc, bt, torch.tensor(ctx_lens, dtype=torch.int32), torch.tensor(slots), cu
-
-
-@pytest.mark.parametrize("window,group_size", [(0, 16), (3, 16), (0, 2)])
-def test_batched_paged_attention_matches_reference(window, group_size):
-    """paged_attention_batched (decodes batched in length groups, prefills fused or by the reference) equals
-    write_kv_ref + paged_attention_ref on a mixed batch over scattered blocks, with and without a sliding window."""
-    q_lens, ctx_lens = [1, 5, 1, 1, 3], [6, 0, 13, 2, 4]
-    q, k, v, kc, vc, bt, cl, slots, cu = _paged_setup(q_lens, ctx_lens)
-    kc2, vc2 = kc.clone(), vc.clone()
-    write_kv_ref(k, v, kc2, vc2, slots)
-    want, want_lse = paged_attention_ref(q, kc2, vc2, bt, cl, cu, 0.3, window)
-
-    ctx = BatchedPagedContext(k_caches=[kc], v_caches=[vc], block_tables=bt, context_lens=cl, slot_mapping=slots)
-    dec = torch.tensor([0, 2, 3])
-    ctx.decode_groups = make_decode_groups(cu[:-1].long()[dec], bt[dec], cl[dec], group_size=group_size)
-    pre = torch.tensor([1, 4])
-    ctx.prefill_idx = torch.cat([torch.arange(1, 6), torch.arange(8, 11)])
-    ctx.prefill_block_tables, ctx.prefill_context_lens = bt[pre], cl[pre]
-    ctx.prefill_cu_seqlens = torch.tensor([0, 5, 8], dtype=torch.int32)
-    with paged_context(ctx):
-        out, lse = paged_attention_batched(q, k, v, cu, 0.3, window)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
-    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)          # the new K/V were written to the cache
-
-
-def test_batched_attention_without_context_is_the_op():
-    """Outside a serving context the batched path is plain flexc::attention (varlen causal)."""
-    q, k, v, *_, cu = _paged_setup([3, 4], [0, 0])
-    out, _ = paged_attention_batched(q, k, v, cu, 0.5, 0)
-    ref, _ = torch.ops.flexc.attention(q, k, v, cu, 0.5, 0)
-    torch.testing.assert_close(out, ref)
 
 
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory):
     path = write_config(tmp_path_factory.mktemp("ex"), "llama", num_hidden_layers=2)
     src = resolve_model(path)
-    compiled = flexc.compile(src, lora=None, dtype="fp32", builtin_passes=())
+    compiled = flexc.compile(src, lora=None, dtype="fp32", builtin_passes=("serve",))
     return Executor(compiled, load_model(src, None, "fp32"), kv_spec=make_kv_spec(compiled, torch.float32, 4),
                     num_blocks=16)
 
@@ -83,7 +28,8 @@ def executor(tmp_path_factory):
 def test_executor_uses_compiled_templates_and_samples_only_marked_rows(executor):
     """Layers run the template the compiler assigned them; only sequences marked sample get a token."""
     names = executor.compiled.graph.layer_regions
-    assert len(executor._layer_forward) == len(names) and len(set(map(id, executor._layer_forward))) == len(set(names))
+    fns = [call.fn for call in executor._layers]
+    assert len(fns) == len(names) and len(set(map(id, fns))) == len(set(names))
     seqs = [ScheduledSequence(req_id="a", kind=SeqKind.PREFILL, adapter_id=None, token_ids=[5, 6, 7],
                               num_computed_tokens=0, block_ids=[3], sample=True),
             ScheduledSequence(req_id="b", kind=SeqKind.PREFILL, adapter_id=None, token_ids=[8, 9],
@@ -166,8 +112,9 @@ def test_mixed_adapters_run_each_layer_once_and_match_peft(lora_executor):
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7, 1, 4)]
     calls = []
-    forwards = list(ex._layer_forward)
-    ex._layer_forward = [lambda *v, f=f, i=i: calls.append(i) or f(*v) for i, f in enumerate(forwards)]
+    forwards = [call.fn for call in ex._layers]
+    for i, call in enumerate(ex._layers):
+        call.fn = lambda *v, f=call.fn, i=i: calls.append(i) or f(*v)
     try:
         first = _logits(ex, [_seq(j, a, p) for j, (a, p) in enumerate(zip(adapters, prompts))])
         assert calls == [0, 1]
@@ -175,7 +122,8 @@ def test_mixed_adapters_run_each_layer_once_and_match_peft(lora_executor):
         second = _logits(ex, [_seq(j, a, [nxt[f"r{j}"]], len(p)) for j, (a, p) in enumerate(zip(adapters, prompts))])
         assert calls == [0, 1, 0, 1]
     finally:
-        ex._layer_forward = forwards
+        for call, f in zip(ex._layers, forwards):
+            call.fn = f
     for j, (a, p) in enumerate(zip(adapters, prompts)):
         ad = dirs[a] if a is not None else None
         assert rel_err(first[f"r{j}"], _peft_last_logits(d, ad, p)) < 1e-5, (j, a)
@@ -212,3 +160,56 @@ def test_adapter_updates_are_seen_by_the_next_batch(lora_executor):
     reg.load_tensors("b", original)                # reuses the freed slot
     assert reg.get("b").slot == old.slot
     assert rel_err(_logits(ex, [_seq(0, "b", p)])["r0"], before["r0"]) < 1e-6
+
+
+class _BaseMatmuls(TorchDispatchMode):
+    """Counts matmuls whose weight operand is one of the given base weights (by storage)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.ptrs = {w.untyped_storage().data_ptr(): name for name, w in weights.items()}
+        self.count: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            w = args[-1]
+            name = self.ptrs.get(w.untyped_storage().data_ptr())
+            if name is not None:
+                self.count[name] = self.count.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_iteration_reads_each_base_projection_once(lora_executor):
+    """An iteration holding decodes, a prefill chunk and finetuning chunks of two adapters computes every base
+    projection of every layer exactly once (a dispatch counter over the forward), and each finetuning sequence
+    receives its chunk's rows of every layer's saved values."""
+    d, dirs, ex = lora_executor
+    reg = ex.adapters
+    model = ex.runner.model
+    base = {n: p for n, p in model.named_parameters() if "base_layer" in n or (
+        "layers." in n and n.endswith("proj.weight") and "lora_" not in n)}
+    assert len(base) == 7 * 2
+    g = torch.Generator().manual_seed(3)
+    toks = lambda n: torch.randint(3, 256, (n,), generator=g).tolist()          # noqa: E731
+    # the decodes' context first
+    _logits(ex, [_seq(0, "a", toks(6)), _seq(1, None, toks(4))])
+    layouts = make_layouts(ex.runner)
+    fts = {}
+    for j, name in ((5, "a"), (6, "b")):
+        seq = TrainingSequence(tuple(toks(10)), tuple(toks(10)))
+        fs = FinetuneSequence(seq, layouts, 0.1, f"f{j}", adapter=reg.get(name).weights)
+        start, ids, _ = fs.next_chunk(7)
+        fts[fs.seq_id] = fs
+        fts[fs.seq_id + "/seq"] = ScheduledSequence(req_id=fs.seq_id, kind=SeqKind.FINETUNE, adapter_id=name,
+                                                    token_ids=ids, num_computed_tokens=start,
+                                                    block_ids=list(range(4 * j, 4 * j + 4)), sample=False)
+    seqs = [_seq(0, "a", [5], 6), _seq(1, None, [9], 4), _seq(2, "c", toks(8)),
+            fts["f5/seq"], fts["f6/seq"]]
+    counter = _BaseMatmuls(base)
+    with counter:
+        ex.execute(SchedulerOutput(seqs=seqs, num_scheduled_tokens={s.req_id: len(s.token_ids) for s in seqs},
+                                   total_num_scheduled_tokens=sum(len(s.token_ids) for s in seqs)),
+                   {k: v for k, v in fts.items() if not k.endswith("/seq")})
+    assert counter.count == {name: 1 for name in base}
+    for sid in ("f5", "f6"):
+        assert fts[sid].forward_done_pos == 7 and all(fts[sid].store._written[i] == 7 for i in range(2))

@@ -10,9 +10,7 @@ from flexc.models import load_model, resolve_model
 from flexc.runtime.dataset import TrainingSequence
 from flexc.runtime.checkpoint import save_peft_adapter
 from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, JobStatus
-from flexc.runtime.regions import RegionRunner
-from flexc.runtime.sequence import FinetuneSequence, make_layouts
-from tests.runtime.utils import drive_finetune_only
+from tests.runtime.utils import TinyServing, drive_finetune_only, drive_one
 from tests.utils import randomize_lora, rel_err, write_config
 
 
@@ -38,12 +36,10 @@ def _data(n=5, seed=0):
 
 
 def _job(cm, model, data, cfg, job_id="j"):
-    runner = RegionRunner(cm, model)
-    layouts = make_layouts(runner)
-    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    job = FinetuneJob(job_id, data, params, cfg, lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid),
-                      peft_config=LoraSpec.to_peft(cm.lora))
-    return runner, job
+    """A job training the model's own LoRA tensors, resident in a serving executor (``serving.params``)."""
+    serving = TinyServing(cm, model)
+    job = FinetuneJob(job_id, data, serving.params, cfg, serving.sequence, peft_config=LoraSpec.to_peft(cm.lora))
+    return serving, job
 
 
 def _peft_reference(model, data, cfg):
@@ -77,7 +73,7 @@ def test_steps_equal_peft(setup, opt):
     runner, job = _job(cm, model, data, cfg)
     drive_finetune_only(runner, job, chunk=7, window=2)
     assert job.status == JobStatus.COMPLETED and job.step == 3 and job.version == 3
-    ours = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    ours = {n: p.detach().clone() for n, p in runner.params.items()}
     ref_model = copy.deepcopy(model0)
     ref, ref_losses = _peft_reference(ref_model, data, cfg)
     assert job.loss_history == pytest.approx(ref_losses, rel=1e-5)
@@ -113,7 +109,7 @@ def test_resume_gives_same_adapter(setup, tmp_path):
     m_full = copy.deepcopy(model0)
     runner, job = _job(cm, m_full, data, FinetuneConfig(**base))
     drive_finetune_only(runner, job)
-    full = {n: p.detach().clone() for n, p in m_full.named_parameters() if "lora_" in n}
+    full = {n: p.detach().clone() for n, p in runner.params.items()}
 
     ck = str(tmp_path / "ck")
     m_a = copy.deepcopy(model0)
@@ -128,17 +124,7 @@ def test_resume_gives_same_adapter(setup, tmp_path):
     drive_finetune_only(runner, job)
     assert job.step == 4
     for n, t in full.items():
-        assert torch.equal(dict(m_b.named_parameters())[n].detach(), t), n
-
-
-def drive_one(runner, job, fs):
-    from tests.runtime.utils import TinyCache, run_batch
-    cache = TinyCache(runner, num_blocks=64)
-    while fs.forward_remaining:
-        _, ids, pos = fs.next_chunk(8)
-        run_batch(runner, cache, [(fs.seq_id, ids, pos, fs)])
-    while not fs.done:
-        job.on_window(fs.backward_window(runner, 3))
+        assert torch.equal(runner.params[n].detach(), t), n
 
 
 def test_nonfinite_steps_skipped_then_fail(setup):
@@ -146,14 +132,13 @@ def test_nonfinite_steps_skipped_then_fail(setup):
     _, _, cm, model0 = setup
     model = copy.deepcopy(model0)
     data = _data(4, seed=1)
-    runner = RegionRunner(cm, model)
-    layouts = make_layouts(runner)
+    runner = TinyServing(cm, model)
     bad = {1, 2, 3}
 
     def make(s, scale, sid):
         pos = int(sid.split("/")[1])
-        return FinetuneSequence(s, layouts, float("nan") if pos in bad else scale, sid)
-    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        return runner.sequence(s, float("nan") if pos in bad else scale, sid)
+    params = runner.params
     job = FinetuneJob("nan", data, params, FinetuneConfig(optimizer="sgd", lr=0.1, max_nonfinite=2, epochs=1), make)
     fs = job.next_sequence()
     drive_one(runner, job, fs)
@@ -210,7 +195,7 @@ def test_resume_after_kill(setup, tmp_path):
     m_full = copy.deepcopy(model0)
     runner, job = _job(cm, m_full, _data(4, seed=3), FinetuneConfig(**base))
     drive_finetune_only(runner, job)
-    full = {n: p.detach().clone() for n, p in m_full.named_parameters() if "lora_" in n}
+    full = {n: p.detach().clone() for n, p in runner.params.items()}
 
     ck = str(tmp_path / "ck")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -230,4 +215,4 @@ def test_resume_after_kill(setup, tmp_path):
     assert job.step == 2
     drive_finetune_only(runner, job)
     for n, t in full.items():
-        assert torch.equal(dict(m_b.named_parameters())[n].detach(), t), n
+        assert torch.equal(runner.params[n].detach(), t), n

@@ -7,7 +7,7 @@ from flexc.runtime.latency import FEATURES, IterationWork, LatencyModel
 
 def _truth(w: IterationWork) -> float:
     return (0.004 + 2e-4 * w.decode_tokens + 1e-4 * w.prefill_tokens + 1e-8 * w.attention_pairs
-            + 3e-4 * w.ft_forward_tokens + 6e-4 * w.ft_backward_layer_tokens / 10 + 0.02 * w.ft_forward_passes
+            + 3e-4 * w.ft_forward_tokens + 6e-4 * w.ft_backward_layer_tokens / 10
             + 2e-3 * w.ft_backward_layers / 10)
 
 
@@ -18,7 +18,7 @@ def _samples(n, seed=0, noise=0.0):
         w = IterationWork(decode_tokens=int(rng.integers(0, 64)), prefill_tokens=int(rng.integers(0, 256)),
                           attention_pairs=int(rng.integers(0, 200_000)), ft_forward_tokens=int(rng.integers(0, 256)),
                           ft_backward_layer_tokens=int(rng.integers(0, 5000)),
-                          ft_forward_passes=int(rng.integers(0, 2)), ft_backward_layers=int(rng.integers(0, 10)))
+                          ft_backward_layers=int(rng.integers(0, 10)))
         out.append((w, _truth(w) * (1 + noise * rng.standard_normal())))
     return out
 
@@ -30,28 +30,19 @@ def test_fit_recovers_coefficients():
         assert m.predict(w) == pytest.approx(t, rel=1e-2)
 
 
-def test_max_extra_stays_within_budget():
-    """The finetuning tokens the model admits keep the predicted time under the budget, one more does not."""
+def test_admitted_finetuning_tokens_stay_within_budget():
+    """The finetuning tokens the model admits keep the predicted time under the budget, one more does not;
+    each costs its marginal compute only (n tokens beside decodes cost n times one token's increment)."""
     m = LatencyModel(num_layers=10).fit(_samples(60))
-    base = IterationWork(decode_tokens=16)
-    n = m.max_extra(base, 0.045, "ft_forward_tokens", limit=10_000)
+    base, unit = IterationWork(decode_tokens=16), IterationWork(ft_forward_tokens=1)
+    n = m.max_units(base, 0.045, unit, limit=10_000)
     assert 0 < n < 10_000
     assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n)) <= 0.045
     assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n + 1)) > 0.045
-    assert m.max_extra(IterationWork(decode_tokens=10_000), 0.045, "ft_forward_tokens", 100) == 0
-
-
-def test_a_pass_of_its_own_is_paid_once():
-    """Finetuning forward tokens come with a pass of their own: the admitted count pays its fixed cost once,
-    and none are admitted when the pass alone would break the budget."""
-    m = LatencyModel(num_layers=10).fit(_samples(80))
-    base, unit, fixed = IterationWork(decode_tokens=16), IterationWork(ft_forward_tokens=1), \
-        IterationWork(ft_forward_passes=1)
-    n = m.max_units(base, 0.045, unit, 10_000, fixed=fixed)
-    assert 0 < n < m.max_extra(base, 0.045, "ft_forward_tokens", 10_000)
-    assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n, ft_forward_passes=1)) <= 0.045
-    assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n + 1, ft_forward_passes=1)) > 0.045
-    assert m.max_units(base, m.predict(base) + 0.01, unit, 100, fixed=fixed) == 0
+    assert m.max_units(IterationWork(decode_tokens=10_000), 0.045, unit, 100) == 0
+    one = m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=1)) - m.predict(base)
+    assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n)) - m.predict(base) == \
+        pytest.approx(n * one, rel=1e-9)
 
 
 def test_online_refinement_tracks_a_slower_machine():
@@ -75,6 +66,4 @@ def test_save_load_roundtrip(tmp_path):
     bad.write_text('{"features": ["x"], "coef": [1], "num_layers": 2}')
     with pytest.raises(ValueError, match="not a flexc latency model"):
         LatencyModel.load(str(bad))
-    with pytest.raises(ValueError, match="unknown work field"):
-        m.max_extra(IterationWork(), 1.0, "tokens", 5)
-    assert len(FEATURES) == 8
+    assert len(FEATURES) == 7 and "ft_forward_passes" not in FEATURES

@@ -112,16 +112,34 @@ def test_request_that_can_never_fit_rejected():
 
 
 def test_policy_is_pluggable():
-    """The scheduler asks its policy object for the batch (a custom policy replaces decode-first FCFS)."""
-    class PrefillLast(DecodeFirstPolicy):
-        calls = 0
-
+    """The scheduler runs the batch its policy builds: a custom policy that decodes, then admits only the newest
+    waiting request per iteration gives exactly those batches, where decode-first FCFS admits all three at once."""
+    class NewestOnePerIteration:
         def schedule(self, sched):
-            PrefillLast.calls += 1
-            return super().schedule(sched)
+            seqs = []
+            for req in list(sched.running):
+                if sched.next_kind(req) is SeqKind.DECODE:
+                    seqs.append(sched.schedule_tokens(req, 1, seqs))
+            if sched.waiting:
+                seq = sched.admit(sched.waiting[-1], sched.config.token_budget - len(seqs))
+                if seq is not None:
+                    seqs.append(seq)
+            return seqs
 
-    sched = create_scheduler(policy=PrefillLast())
-    for r in create_requests([3], max_new_tokens=2):
-        sched.add_request(r)
-    run_to_completion(sched)
-    assert PrefillLast.calls == 2
+    def batches(policy):
+        sched = create_scheduler(token_budget=16, policy=policy)
+        reqs = create_requests([3, 4, 5], max_new_tokens=3)
+        for r in reqs:
+            sched.add_request(r)
+        outs = run_to_completion(sched)
+        assert all(len(r.output_token_ids) == 3 and r.status is RequestStatus.FINISHED_LENGTH for r in reqs)
+        assert sched.kv.num_free_blocks == sched.kv.num_blocks
+        return [[(s.req_id, s.kind, len(s.token_ids)) for s in o.seqs] for o in outs]
+
+    P, D = SeqKind.PREFILL, SeqKind.DECODE
+    assert batches(None)[0] == [("r0", P, 3), ("r1", P, 4), ("r2", P, 5)]
+    custom = batches(NewestOnePerIteration())
+    assert custom[:3] == [[("r2", P, 5)],
+                          [("r2", D, 1), ("r1", P, 4)],
+                          [("r2", D, 1), ("r1", D, 1), ("r0", P, 3)]]
+    assert custom[3:] == [[("r1", D, 1), ("r0", D, 1)], [("r0", D, 1)]]

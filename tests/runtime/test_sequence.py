@@ -6,9 +6,7 @@ import flexc
 from flexc.ir.spec import LoraSpec
 from flexc.models import load_model, resolve_model
 from flexc.runtime.dataset import TrainingSequence
-from flexc.runtime.regions import RegionRunner
-from flexc.runtime.sequence import FinetuneSequence, make_layouts
-from tests.runtime.utils import TinyCache as _Cache, run_batch as _run_batch
+from tests.runtime.utils import TinyServing
 from tests.utils import randomize_lora, rel_err, write_config
 
 @pytest.fixture(scope="module")
@@ -25,26 +23,25 @@ def test_chunked_mixed_windowed_equals_peft(setup):
     """A 23-token sequence in 3 chunks, each batched with other requests' prefill/decode tokens, and its
     backward in windows of 2 layers, gives PEFT's loss.backward() gradients (1e-4 relative)."""
     cm, model = setup
-    runner = RegionRunner(cm, model)
+    serving = TinyServing(cm, model)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 256, (23,), generator=g).tolist()
     labels = ids[1:] + [-100]
     labels[:5] = [-100] * 5                                      # prompt part without loss
     seq = TrainingSequence(tuple(ids), tuple(labels))
     n_loss = seq.num_loss_tokens
-    fs = FinetuneSequence(seq, make_layouts(runner), loss_scale=1.0 / n_loss, seq_id="ft")
-    cache = _Cache(runner)
+    fs = serving.sequence(seq, loss_scale=1.0 / n_loss, seq_id="ft")
     other = torch.randint(0, 256, (30,), generator=g).tolist()
     plan = [(9, [(0, 6)]), (8, [(6, 13)]), (6, [(13, 14), (14, 15)])]   # ft chunk size, other request chunks
     for n, others in plan:
         start, cids, cpos = fs.next_chunk(n)
         chunks = [("inf", other[a:b], list(range(a, b)), None) for a, b in others[:1]]
         chunks.insert(1 if start else 0, ("ft", cids, cpos, fs))
-        _run_batch(runner, cache, chunks)
+        serving.run(chunks)
     assert fs.in_backward
     grads, loss = {}, None
     while not fs.done:
-        res = fs.backward_window(runner, 2)
+        res = fs.backward_window(serving.runner, 2)
         assert len(res.layers) <= 2
         loss = res.loss_sum if res.loss_sum is not None else loss
         for k, v in res.grads.items():
@@ -68,17 +65,15 @@ def test_chunked_mixed_windowed_equals_peft(setup):
 def test_store_holds_only_token_rows(setup):
     """The store keeps one buffer per distinct saved token tensor, sized by the sequence length."""
     cm, model = setup
-    runner = RegionRunner(cm, model)
+    serving = TinyServing(cm, model)
     seq = TrainingSequence(tuple(range(1, 11)), tuple(range(2, 11)) + (-100,))
-    fs = FinetuneSequence(seq, make_layouts(runner), 0.1)
-    cache = _Cache(runner)
+    fs = serving.sequence(seq, 0.1)
     _, cids, cpos = fs.next_chunk(10)
-    _run_batch(runner, cache, [("ft", cids, cpos, fs)])
+    serving.run([("ft", cids, cpos, fs)])
     per_layer = fs.store.nbytes() / 3
-    fs2 = FinetuneSequence(TrainingSequence(tuple(range(1, 21)), tuple(range(2, 21)) + (-100,)),
-                           make_layouts(runner), 0.1)
+    fs2 = serving.sequence(TrainingSequence(tuple(range(1, 21)), tuple(range(2, 21)) + (-100,)), 0.1, "ft2")
     _, cids, cpos = fs2.next_chunk(20)
-    _run_batch(runner, _Cache(runner), [("ft2", cids, cpos, fs2)])
+    serving.run([("ft2", cids, cpos, fs2)])
     assert fs2.store.nbytes() == 2 * fs.store.nbytes() and per_layer > 0
     with pytest.raises(ValueError, match="forward covered"):
-        FinetuneSequence(seq, make_layouts(runner), 0.1).backward_window(runner, 1)
+        serving.sequence(seq, 0.1, "ft3").backward_window(serving.runner, 1)

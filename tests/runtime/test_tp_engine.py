@@ -25,7 +25,7 @@ TP = 2
 def _policy(num_layers: int) -> CoServePolicy:
     # NOTE: a fixed latency model (the engine observes its own, not this one): the co-serving policy then
     # schedules the same chunks and backward windows on every run, whatever the machine's timings
-    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers, 0.0, 0.0])
+    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers, 0.0])
     return CoServePolicy(lat, tpot_slo=0.1)
 
 
@@ -99,4 +99,4 @@ def test_bad_tp_is_value_error(tmp_path):
     path = write_config(tmp_path, "llama")                      # 4 heads, 2 KV heads
     dims = ParallelDims(tp=3, rank=0, backend="gloo", group_name="unused")
     with pytest.raises(ValueError, match="tp=3 does not divide num_heads=4; allowed tp for this model: 1, 2"):
-        Engine.from_pretrained(path, lora=None, dims=dims)
+        flexc.Engine.from_pretrained(path, lora=None, dims=dims)

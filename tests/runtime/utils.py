@@ -1,79 +1,83 @@
-"""Runtime test helpers: a tiny paged cache and a one-batch forward driver (no scheduler); schedulers without a
-model (as vLLM's tests/v1/core/utils.py) and saved tiny models for the engine tests."""
+"""Runtime test helpers: a serving executor over a tiny model (no scheduler); schedulers without a model (as
+vLLM's tests/v1/core/utils.py) and saved tiny models for the engine tests."""
 import os
 from typing import Optional
 
 import torch
 
-from flexc.kernels.attention import PagedAttentionContext, paged_context
-from flexc.runtime.batch import ExecutorOutput, SchedulerOutput
+from flexc.runtime.adapters import AdapterRegistry
+from flexc.runtime.batch import ExecutorOutput, ScheduledSequence, SchedulerOutput, SeqKind
+from flexc.runtime.executor import Executor, make_kv_spec
 from flexc.runtime.kv_cache import KVCacheManager
+from flexc.runtime.regions import RegionRunner
 from flexc.runtime.scheduler import Request, Scheduler, SchedulerConfig
+from flexc.runtime.sequence import FinetuneSequence, make_layouts
 from tests.utils import write_config
 
 BLOCK = 4
+OWN = "own"
+"""The adapter name under which a model's own LoRA tensors are resident."""
 
 
-class TinyCache:
-    """A tiny paged cache: each sequence gets its own contiguous-but-shuffled block list."""
+class TinyServing:
+    """The serving executor of a compiled model, with the model's own LoRA tensors resident as adapter ``own``.
 
-    def __init__(self, runner, num_blocks=64):
-        cfg = runner.compiled.graph.model
-        shape = (num_blocks, BLOCK, cfg["num_kv_heads"], cfg["head_dim"])
-        self.k = [torch.zeros(shape) for _ in runner.layers]
-        self.v = [torch.zeros(shape) for _ in runner.layers]
-        perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
-        self.tables = {}
-        self._free = perm
+    ``params`` are that adapter's live tensors by model parameter name: what the serving graphs read, what a
+    finetuning job trains and what a sequence's backward differentiates through.
+    """
 
-    def table(self, sid, upto):
-        t = self.tables.setdefault(sid, [])
-        while len(t) * BLOCK < upto:
-            t.append(self._free.pop())
-        return t
+    def __init__(self, cm, model, num_blocks: int = 256, block_size: int = BLOCK):
+        self.runner = RegionRunner(cm, model)
+        self.kv = KVCacheManager(num_blocks, block_size)
+        self.adapters = AdapterRegistry(cm.lora, model, max_adapters=1)
+        self.adapters.load_tensors(OWN, {n: p.detach() for n, p in model.named_parameters() if "lora_" in n})
+        self.params = self.adapters.get(OWN).weights
+        dtype = next(model.parameters()).dtype
+        self.executor = Executor(cm, model, kv_spec=make_kv_spec(cm, dtype, block_size), num_blocks=num_blocks,
+                                 adapters=self.adapters, runner=self.runner)
+        self.layouts = make_layouts(self.runner)
 
+    def sequence(self, seq, loss_scale: float, seq_id: str = "ft") -> FinetuneSequence:
+        """A finetuning sequence that trains ``own``."""
+        return FinetuneSequence(seq, self.layouts, loss_scale, seq_id, adapter=self.params)
 
-def run_batch(runner, cache, chunks):
-    """chunks: list of (sid, ids, positions, FinetuneSequence or None). Runs one flat batch forward."""
-    ids = torch.tensor([i for _, c, _, _ in chunks for i in c])
-    pos = torch.tensor([p for _, _, ps, _ in chunks for p in ps])
-    lens = [len(c) for _, c, _, _ in chunks]
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-    tables = [cache.table(sid, ps[-1] + 1) for sid, _, ps, _ in chunks]
-    width = max(len(t) for t in tables)
-    bt = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
-    ctx_lens = torch.tensor([ps[0] for _, _, ps, _ in chunks], dtype=torch.int32)
-    slots = torch.tensor([tables[j][p // BLOCK] * BLOCK + p % BLOCK for j, (_, _, ps, _) in enumerate(chunks)
-                          for p in ps], dtype=torch.int64)
-    ctx = PagedAttentionContext(k_caches=cache.k, v_caches=cache.v, block_tables=bt, context_lens=ctx_lens,
-                                slot_mapping=slots)
-    with paged_context(ctx):
-        h, cos, sin = runner.embed_forward(ids, pos)
-        h, saved = runner.layers_forward(h, cos, sin, cu, keep_saved=True, on_layer=lambda i: setattr(ctx, "layer", i))
-    for j, (_, _, ps, fs) in enumerate(chunks):
-        if fs is None:
-            continue
-        rows = (int(cu[j]), int(cu[j + 1]))
-        for layer, s in enumerate(saved):
-            fs.record_layer(layer, s, rows, ps[0])
-        fs.record_output(h, rows, ps[0])
-    return h
+    def run(self, chunks) -> None:
+        """One iteration over ``chunks``: (id, token ids, positions, FinetuneSequence or None); inference chunks
+        run with ``own`` too and sample (their tokens are not fed back)."""
+        seqs, ft = [], {}
+        for sid, ids, pos, fs in chunks:
+            assert self.kv.allocate_slots(sid, pos[-1] + 1) is not None
+            kind = SeqKind.FINETUNE if fs is not None else SeqKind.PREFILL
+            seqs.append(ScheduledSequence(req_id=sid, kind=kind, adapter_id=OWN, token_ids=list(ids),
+                                          num_computed_tokens=pos[0], block_ids=list(self.kv.get_block_ids(sid)),
+                                          sample=fs is None))
+            if fs is not None:
+                ft[sid] = fs
+        batch = SchedulerOutput(seqs=seqs, num_scheduled_tokens={s.req_id: len(s.token_ids) for s in seqs},
+                                total_num_scheduled_tokens=sum(len(s.token_ids) for s in seqs))
+        self.executor.execute(batch, ft)
+
+    def release(self, sid: str) -> None:
+        self.kv.free(sid)
 
 
-def drive_finetune_only(runner, job, chunk=8, window=2):
+def drive_finetune_only(serving: TinyServing, job, chunk=8, window=2):
     """Run a FinetuneJob to the end alone: chunked forward batches, then backward windows."""
-    cache = TinyCache(runner, num_blocks=256)
     while True:
         fs = job.next_sequence()
         if fs is None:
             return
-        while fs.forward_remaining:
-            start, ids, pos = fs.next_chunk(chunk)
-            run_batch(runner, cache, [(fs.seq_id, ids, pos, fs)])
-        while not fs.done:
-            job.on_window(fs.backward_window(runner, window))
-        cache.tables.pop(fs.seq_id, None)
-        cache._free = list(range(256))
+        drive_one(serving, job, fs, chunk, window)
+
+
+def drive_one(serving: TinyServing, job, fs, chunk=8, window=3):
+    """One sequence of a job: its chunks, then its backward windows (gradients to the job)."""
+    while fs.forward_remaining:
+        _, ids, pos = fs.next_chunk(chunk)
+        serving.run([(fs.seq_id, ids, pos, fs)])
+    serving.release(fs.seq_id)
+    while not fs.done:
+        job.on_window(fs.backward_window(serving.runner, window))
 
 
 # ---------------------------------------------------------------- scheduler / engine builders

@@ -1,4 +1,4 @@
-"""Co-serving: finetuning tokens in the same iterations as inference give PEFT's adapter exactly."""
+"""Co-serving policies: finetuning tokens in the same serving-graph calls as inference give PEFT's adapter."""
 import copy
 
 import pytest
@@ -35,7 +35,7 @@ def _data(n, seed=0):
 
 def _policy(num_layers):
     # seconds: decode 0.01/token, prefill 0.01/token, finetuning forward 0.01/token, backward 0.002 * tokens * layers
-    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers, 0.0, 0.0])
+    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers, 0.0])
     return CoServePolicy(lat, tpot_slo=0.1)
 
 
@@ -68,6 +68,9 @@ def test_coserved_sgd_equals_peft(setup, tmp_path):
     data = _data(4)
     job = engine.finetune(data, adapter="ft", optimizer="sgd", lr=0.5, grad_accum=2, seed=3)
     init = {k: v.clone() for k, v in engine.adapters.get("ft").weights.items()}
+    calls = []
+    for i, call in enumerate(engine.executor._layers):
+        call.fn = lambda *v, f=call.fn, i=i: calls.append(i) or f(*v)
     g = torch.Generator().manual_seed(1)
     for i in range(6):
         engine.submit(torch.randint(0, 256, (5 + i,), generator=g).tolist(), max_new_tokens=8,
@@ -78,6 +81,8 @@ def test_coserved_sgd_equals_peft(setup, tmp_path):
     assert any(h["ft_forward_tokens"] and h["decode_tokens"] for h in hist)          # mixed batches
     assert any(0 < h["ft_backward_layers"] < 3 for h in hist)                         # layer windows
     assert max(h["ft_forward_tokens"] for h in hist) < min(len(s) for s in data)      # chunked forward
+    forward_iterations = sum(1 for h in hist if h["decode_tokens"] or h["prefill_tokens"] or h["ft_forward_tokens"])
+    assert calls == [0, 1, 2] * forward_iterations      # one serving-graph call per layer, whatever the mix
 
     ref = _peft_sgd(load_model(src, spec, "fp32", seed=5), init, data, 0.5, 2)
     ours = engine.adapters.get("ft").weights
