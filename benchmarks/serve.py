@@ -38,10 +38,11 @@ import httpx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from flexc import main_job  # noqa: E402
+from flexc.runtime.metrics import percentile  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
-    return main_job._pct(xs, q)
+    return percentile(xs, q)
 
 
 def free_port() -> int:
