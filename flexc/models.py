@@ -15,11 +15,15 @@ any size) for capture; ``load_model`` gives it with real weights for execution.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
-from typing import Any, Optional
+import sys
+import warnings
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -148,10 +152,29 @@ def build_fake_model(source: ModelSource, lora: Optional[LoraSpec], dtype: Any, 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
     model.eval()   # as load_model: the template's constants (training flag) must match the real layers
-    model = _wrap_lora(model, lora)
+    with _quiet_load():
+        model = _wrap_lora(model, lora)
     with mode:
         model.to_empty(device="cpu")
     return model
+
+
+@contextlib.contextmanager
+def _quiet_load() -> Iterator[None]:
+    """Keep loading quiet: the GGUF conversion's progress bars and library deprecation warnings are held back
+    (shown if loading fails), unless flexc logs at INFO (``flexc -v``)."""
+    if logging.getLogger("flexc").isEnabledFor(logging.INFO):
+        yield
+        return
+    held = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(held):
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 def load_model(source: ModelSource, lora: Optional[LoraSpec], dtype: Any = "fp32", seed: int = 0) -> nn.Module:
@@ -165,22 +188,24 @@ def load_model(source: ModelSource, lora: Optional[LoraSpec], dtype: Any = "fp32
     if source.kind == "preset":
         raise ValueError(f"{source.name} is a shape-only preset (no weights); it can be compiled, not run")
     torch.manual_seed(seed)
-    if source.kind == "embedded":
-        logger.info("loading %s from %s", source.gguf_file, source.path)
-        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, config=cfg, dtype=dt)
-    elif source.kind == "hf_dir" and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(source.path)):
-        model = AutoModelForCausalLM.from_pretrained(source.path, config=cfg, dtype=dt)
-    else:
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
-    model.eval()
-    return _wrap_lora(model, lora)
+    with _quiet_load():
+        if source.kind == "embedded":
+            logger.info("loading %s from %s", source.gguf_file, source.path)
+            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, config=cfg, dtype=dt)
+        elif source.kind == "hf_dir" and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(source.path)):
+            model = AutoModelForCausalLM.from_pretrained(source.path, config=cfg, dtype=dt)
+        else:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+        model.eval()
+        return _wrap_lora(model, lora)
 
 
 def load_tokenizer(source: ModelSource) -> Any:
     """The model's tokenizer (chat template included), or None for presets and bare configs."""
     from transformers import AutoTokenizer
-    if source.kind == "embedded":
-        return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    if source.kind == "hf_dir" and any(f.startswith("tokenizer") for f in os.listdir(source.path)):
-        return AutoTokenizer.from_pretrained(source.path)
+    with _quiet_load():
+        if source.kind == "embedded":
+            return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        if source.kind == "hf_dir" and any(f.startswith("tokenizer") for f in os.listdir(source.path)):
+            return AutoTokenizer.from_pretrained(source.path)
     return None

@@ -52,6 +52,9 @@ class SavedSlot:
     expr: Optional[sympy.Expr] = None
     """For ``symint``: the value as an expression in T."""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", SlotKind(self.kind))
+
 
 def _slot(node: Any, captured: CapturedRegion, cu_input: int) -> SavedSlot:
     if not isinstance(node, fx.Node):

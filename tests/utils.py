@@ -60,7 +60,7 @@ def eager_peft_loss_grads(model, seqs):
     loss = 0.0
     for s in seqs:
         out = model(input_ids=s[None])
-        lg = out.logits[0].float()
+        lg = out.logits[0].to(torch.promote_types(out.logits.dtype, torch.float32))     # fp64 stays fp64
         logits_all.append(lg.detach())
         loss = loss + torch.nn.functional.cross_entropy(lg[:-1], s[1:], reduction="sum")
     (loss / total).backward()

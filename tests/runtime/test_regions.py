@@ -69,7 +69,9 @@ def test_token_count_differs_from_capture(tmp_path):
 
 @pytest.mark.slow_model
 def test_smollm2_matches_peft():
-    """The embedded SmolLM2-135M with real weights: logits and LoRA gradients match PEFT on a short batch."""
+    """The embedded SmolLM2-135M with real weights: logits match PEFT (1e-5); the LoRA gradients match PEFT's
+    (5e-5 over all of them together), and each one is as close to the exact (fp64) gradient as PEFT's own fp32
+    gradient is (30 layers of fp32 rounding put single small gradients ~1e-4 apart in any two fp32 orders)."""
     spec = LoraSpec(r=4, alpha=8)
     cm = flexc.compile("smollm2-135m", lora=spec, seq_len=32)
     model = load_model(cm.source, spec, "fp32")
@@ -77,7 +79,14 @@ def test_smollm2_matches_peft():
     logits, ref_logits, step, ref_grads, _ = _parity(cm, model, [9, 6], cm.source.config.vocab_size)
     assert rel_err(logits, ref_logits) < 1e-5
     assert len(ref_grads) == 30 * 7 * 2
-    assert max(rel_err(step.grads[k], g) for k, g in ref_grads.items()) < 1e-4
+    names = list(ref_grads)
+    flat = lambda gs: torch.cat([gs[k].flatten() for k in names])          # noqa: E731
+    assert rel_err(flat(step.grads), flat(ref_grads)) < 5e-5
+    _, _, seqs = packed_batch([9, 6], cm.source.config.vocab_size)[2:]
+    _, exact, _ = eager_peft_loss_grads(model.double(), seqs)              # the same model, in fp64
+    model.float()
+    for k in names:
+        assert rel_err(step.grads[k], exact[k]) <= 2 * rel_err(ref_grads[k], exact[k]) + 1e-6, k
 
 
 def test_runtime_checks_shapes(tmp_path):
