@@ -1,4 +1,4 @@
-"""The ``flexc`` command line: ``flexc compile``, ``flexc inspect``, ``flexc run``, ``flexc simulate``.
+"""The ``flexc`` command line: ``flexc compile``, ``flexc inspect``, ``flexc run``, ``flexc serve``, ``flexc simulate``.
 
 User mistakes (unknown model, bad option values, unreadable files) end with
 exit status 2 and one line on stderr, no traceback.
@@ -21,6 +21,7 @@ _COMMANDS = {
     "compile": (None, "capture a model with LoRA, run the passes, write plan.json"),
     "inspect": ("flexc.inspect", "show a plan.json: per-region tables, memory strategies, device memory"),
     "run": ("flexc.main_job", "co-serve inference and finetuning on the embedded model (the main job)"),
+    "serve": ("flexc.serve", "OpenAI-compatible HTTP server: completions, chat, adapters, fine-tuning jobs"),
     "simulate": ("flexc.simulate", "simulate the real scheduler at paper scale on simulated GPUs"),
 }
 

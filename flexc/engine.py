@@ -46,11 +46,15 @@ class Engine(_Engine):
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, lora: Any = None, dtype: str = "fp32",
                         policy: Union[None, str, "SchedulingPolicy"] = None, dims: Optional["ParallelDims"] = None,
-                        device: str = "auto", config: Optional[EngineConfig] = None, **options: Any) -> _Engine:
+                        device: str = "auto", config: Optional[EngineConfig] = None,
+                        max_lora_rank: Optional[int] = None, **options: Any) -> _Engine:
         """Compile ``name_or_path`` (see :func:`flexc.resolve_model`), load its weights and tokenizer.
 
         ``lora``: None (base model only), True, a ``LoraSpec``, its dict or a ``peft.LoraConfig``: the adapter
-        structure every adapter served by this engine must fit (same rank, targets a subset).
+        structure every adapter served by this engine must fit (rank up to its r, targets a subset, any alpha).
+        ``max_lora_rank`` (instead of ``lora``): serve and finetune PEFT adapters of rank 1..max_lora_rank on any
+        of the seven projections (compiled as ``LoraSpec(r=max_lora_rank, alpha=max_lora_rank)``; each adapter's
+        own alpha and targets come from its config).
         ``options``: :class:`~flexc.runtime.engine.EngineConfig` fields (``kv_cache_tokens``, ``token_budget``,
         ``max_adapters``, ``tpot_slo``, ...), applied over ``config``.
         ``dims``: this process's rank in a tensor-parallel group (``run_tp`` passes it): compiled for
@@ -62,6 +66,12 @@ class Engine(_Engine):
         where = resolve_device(device)
         source = resolve_model(name_or_path)
         spec = LoraSpec.coerce(lora)
+        if max_lora_rank is not None:
+            if not isinstance(max_lora_rank, int) or isinstance(max_lora_rank, bool) or max_lora_rank < 1:
+                raise ValueError(f"max_lora_rank must be a positive integer, got {max_lora_rank!r}")
+            if spec is not None and spec.r != max_lora_rank:
+                raise ValueError(f"max_lora_rank={max_lora_rank} disagrees with lora r={spec.r}; give one of them")
+            spec = spec or LoraSpec(r=max_lora_rank, alpha=max_lora_rank)
         tp = dims.tp if dims is not None else 1
         check_tp(model_shape(source), tp)
         # NOTE: the training passes (memory plan) have nothing to plan for a base-only engine: skip them there

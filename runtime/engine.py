@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, U
 import torch
 from torch import nn
 
+from flexc.runtime.adapter_training import OwnCoordinatesJob
 from flexc.runtime.adapters import AdapterRegistry
 from flexc.runtime.batch import ExecutorOutput, SamplingParams, SchedulerOutput, SeqKind
 from flexc.runtime.checkpoint import save_peft_adapter
@@ -399,7 +400,7 @@ class Engine:
         co-serving iterations. Extra ``options`` go to :class:`FinetuneConfig` (schedule, warmup_steps,
         weight_decay, shuffle, checkpoint_every, max_nonfinite, ...)."""
         if self.compiled.lora is None:
-            raise ValueError("this engine was compiled without LoRA; pass lora=... to Engine.from_pretrained")
+            raise ValueError("this engine was compiled without LoRA; pass max_lora_rank= or lora= to from_pretrained")
         cfg = FinetuneConfig(optimizer=optimizer, lr=lr, steps=steps, epochs=epochs, grad_accum=grad_accum, seed=seed,
                              checkpoint_dir=checkpoint_dir, **options)
         data = load_jsonl(dataset, self.tokenizer, self.max_model_len) if isinstance(dataset, str) else list(dataset)
@@ -411,19 +412,30 @@ class Engine:
         layouts = make_layouts(self.executor.runner)
         shards = self.executor.runner.shards
         weights = self.adapters.get(adapter).weights      # NOTE: the live tensors (views of its stack slot)
-        job = FinetuneJob(f"job-{next(self._job_ids)}", data, weights, cfg,
-                          lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid, adapter=weights),
-                          adapter_name=adapter,
-                          peft_config=self.compiled.lora.to_peft(),
-                          all_ranks=shards.all_true if shards is not None else None)
+        # NOTE: trained in the adapter's own coordinates (its rank, targets, scaling): PEFT's optimizer steps
+        job = OwnCoordinatesJob(f"job-{next(self._job_ids)}", data, self.adapters, adapter, cfg,
+                                lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid, adapter=weights),
+                                all_ranks=shards.all_true if shards is not None else None)
         self.finetune_queue.add(job)
         return job
 
+    def cancel_finetune(self, job: FinetuneJob, reason: str = "cancelled") -> None:
+        """Stop ``job`` now (failed with ``reason``): its sequence frees its KV blocks, the queue forgets it."""
+        if not job.finished:
+            job.fail(reason)
+        for sid in self.finetune_queue.drop(job):
+            self.kv.free(sid)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (ValueError if unknown); its slot is free for the next one."""
+        self.adapters.remove(name)
+
     def save_adapter(self, name: str, directory: str) -> None:
-        """Write adapter ``name`` in PEFT format (loads with ``peft.PeftModel.from_pretrained``)."""
+        """Write adapter ``name`` as PEFT does: its own rank, alpha, targets (``peft.PeftModel.from_pretrained``)."""
         if self.compiled.lora is None:
             raise ValueError("this engine was compiled without LoRA: there is no adapter to save")
-        save_peft_adapter(directory, self.adapters.whole_weights(name), "default", self.compiled.lora.to_peft())
+        save_peft_adapter(directory, self.adapters.whole_own_weights(name), "default",
+                          self.adapters.get(name).shape.to_peft())
 
     def has_work(self) -> bool:
         """Requests unfinished, or finetuning left that the policy will run."""

@@ -357,6 +357,15 @@ class FinetuneQueue:
         self.sequences.pop(seq_id, None)
         self._job_of.pop(seq_id, None)
 
+    def drop(self, job: "FinetuneJob") -> list[str]:
+        """Forget ``job`` and its sequences in flight; their ids (the caller frees their KV blocks)."""
+        sids = [sid for sid, j in self._job_of.items() if j is job and sid in self.sequences]
+        for sid in sids:
+            self.release(sid)
+        if job in self.jobs:
+            self.jobs.remove(job)
+        return sids
+
     @property
     def has_work(self) -> bool:
         return any(not j.finished for j in self.jobs)

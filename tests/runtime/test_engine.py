@@ -165,9 +165,10 @@ def test_adapters_mixed_in_one_batch_match_peft(lora_setup):
 
 
 def test_adapter_mismatch_and_capacity_errors(lora_setup, tmp_path):
-    """An adapter of another rank or with targets the compiled model lacks, or one too many, is a clear ValueError."""
+    """An adapter of a rank above the compiled one or with targets the compiled model lacks, or one too many, is a
+    clear ValueError."""
     d, a, b, engine = lora_setup
-    with pytest.raises(ValueError, match="rank r=8 does not match the compiled rank r=4"):
+    with pytest.raises(ValueError, match="rank r=8 is not served: this engine serves ranks 1 to 4"):
         engine.load_adapter("r8", save_tiny_adapter(d, str(tmp_path / "r8"), seed=3, r=8))
     with pytest.raises(ValueError, match=r"targets \['o_proj'\] are not in the compiled targets"):
         engine.load_adapter("o", save_tiny_adapter(d, str(tmp_path / "o"), seed=3, targets=("q_proj", "o_proj")))
