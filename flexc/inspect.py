@@ -36,13 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_plan(path: str) -> dict:
     """Read and check a plan.json; ValueError naming what is wrong with it."""
+    from flexc.runtime.dataset import read_text
+    text = read_text(path, "plan")          # "plan: no such file: ..."
     try:
-        with open(path) as f:
-            plan = json.load(f)
+        plan = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a flexc plan (invalid JSON at line {e.lineno}: {e.msg})") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a flexc plan (not a text file)") from e
     if not isinstance(plan, dict) or "schema_version" not in plan:
         raise ValueError(f"{path}: not a flexc plan (no schema_version; write one with 'flexc compile')")
     if plan["schema_version"] != SCHEMA_VERSION:
@@ -227,10 +226,10 @@ def write_pareto_png(s: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _check_out(path: str) -> None:
+def _check_out(path: str, flag: str) -> None:
     out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
-        raise ValueError(f"cannot write {path}: directory {out_dir} does not exist")
+        raise ValueError(f"{flag}: cannot write {path}: directory {out_dir} does not exist")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -240,9 +239,9 @@ def main(args: argparse.Namespace) -> int:
     if pareto is not None and not s["pareto"]:
         raise ValueError(f"{args.plan}: plan has no recompute sweep (memory.pareto); write it again with "
                          "'flexc compile' (with LoRA)")
-    for path in (args.png, pareto):
+    for path, flag in ((args.png, "--png"), (pareto, "--pareto")):
         if path:
-            _check_out(path)
+            _check_out(path, flag)
     if args.png:
         write_png(s, args.png)
     if pareto:
