@@ -4,7 +4,7 @@ import json
 import pytest
 
 from flexc.models import load_tokenizer, resolve_model
-from flexc.runtime.dataset import IGNORE, check_jsonl, load_jsonl
+from flexc.runtime.dataset import IGNORE, check_example, check_jsonl, load_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,20 @@ def test_check_jsonl_names_line_and_expected_format(tmp_path, rows, needle):
     if "not valid JSON" in needle or "array" in needle:
         for fmt in ('"messages"', '"prompt"', '"completion"', '"text"', '"input_ids"'):
             assert fmt in str(e.value)
+
+
+def test_readme_examples_are_accepted(tok, tmp_path):
+    """The README's 'Dataset formats' examples (its jsonl block) are one example per format, each accepted by
+    check_jsonl and tokenized by load_jsonl with at least one target."""
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Dataset formats"):]
+    block = re.search(r"^```jsonl\n(.*?)^```", section, re.S | re.M).group(1)
+    path = tmp_path / "readme.jsonl"
+    path.write_text(block)
+    assert check_jsonl(str(path)) == 4
+    seqs = load_jsonl(str(path), tok, 512)
+    assert sorted(check_example(json.loads(line)) for line in block.splitlines()) == \
+        ["input_ids", "messages", "prompt", "text"]
+    assert all(s.num_loss_tokens > 0 for s in seqs)
