@@ -207,7 +207,7 @@ def serve(engine: "Engine", load: Sequence[LoadRequest], duration: float, *, job
         for ev in events:
             if ev.finished and ev.request_id in live:
                 live.discard(ev.request_id)
-                stats.results.append(engine.result(ev.request_id))
+                stats.results.append(engine.result(ev.request_id, release=True))
 
     while True:
         now = time.perf_counter() - t0
