@@ -299,8 +299,9 @@ def quiet_stderr():
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=150.0, help="seconds of co-serving (default 150)")
     p.add_argument("--rate", type=float, default=0.5, help="inference requests per second, Poisson (default 0.5)")
-    p.add_argument("--policy", default="coserve", choices=("coserve", "temporal", "inference_only"),
-                   help="how finetuning shares the iterations: coserve (default), temporal or inference_only")
+    p.add_argument("--policy", default="coserve", choices=("coserve", "temporal"),
+                   help="how finetuning shares the iterations: coserve (default) or temporal (the job always "
+                        "finetunes; benchmarks/coserve.py compares inference_only)")
     p.add_argument("--tpot-slo", type=float, default=0.25, help="TPOT target in seconds (default 0.25)")
     p.add_argument("--ttft-slo", type=float, default=5.0, help="TTFT target in seconds, queueing included (default 5)")
     p.add_argument("--lr", type=float, default=2e-3,
@@ -432,7 +433,7 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
     machine = MachineLoad(cores=os.cpu_count() or 1, start=load_start, end=load_end,
                           own_threads=torch.get_num_threads(), busy_fraction=m.busy_fraction)
     verdict = judge(RunFacts(submitted=stats.submitted, finished=len(res), slo_met=ok, slo_target=args.slo_target,
-                             policy=args.policy, ft_status=job.status.value, ft_steps=job.step,
+                             ft_status=job.status.value, ft_steps=job.step,
                              ft_total_steps=job.total_steps, losses=list(job.loss_history), ft_error=job.error,
                              load=machine, observed_s=watch.observed_s if watch.iterations else None,
                              profiled_s=watch.profiled_s if watch.iterations else None,

@@ -13,8 +13,7 @@ words, and the causes the numbers point at:
 * iterations slower than profiled: the measured iteration times add up to at
   least ``slow_factor`` times what the latency model fitted at start-up
   predicted for the same work (a profile taken on a quiet machine and a run on
-  a busy one, or the other way round);
-* the policy: ``inference_only`` never trains.
+  a busy one, or the other way round).
 
 When none applies the verdict says the load is more than this machine serves
 within the SLOs. ``flexc run --strict`` exits 1 when the verdict is not ok.
@@ -88,7 +87,6 @@ class RunFacts:
     """Finished requests whose TTFT and TPOT met their SLOs."""
     slo_target: float = 0.9
     """Fraction of submitted requests that should finish within their SLOs (0-1)."""
-    policy: str = "coserve"
     ft_status: str = "running"
     """The finetuning job's status at the end (queued, running, completed, failed)."""
     ft_steps: int = 0
@@ -164,8 +162,6 @@ def judge(facts: RunFacts, *, slow_factor: float = 1.25) -> Verdict:
         v.causes.append(f"iterations took {v.slowdown:.2f}x the time the start-up latency profile predicted "
                         f"({facts.observed_s:.1f} s measured vs {facts.profiled_s:.1f} s over "
                         f"{facts.iterations_compared} iterations): the machine was slower than when it was profiled")
-    if facts.policy == "inference_only" and no_steps:
-        v.causes.append("policy inference_only never runs finetuning")
     if not v.causes:
         slow = f"iterations matched the profile ({v.slowdown:.2f}x)" if v.slowdown is not None else \
             "iteration times were not compared with the profile"

@@ -289,11 +289,11 @@ class Engine:
         if not _runs_finetuning(self.scheduler.policy):
             raise ValueError(f"the scheduling policy {_policy_name(self.scheduler.policy)!r} never runs finetuning; "
                              "build the engine with policy='coserve', 'temporal' or 'finetune_only'")
-        if self._needs_latency_fit() and not self._latency_fitted:
-            self.fit_latency_model()
         cfg = FinetuneConfig(optimizer=optimizer, lr=lr, steps=steps, epochs=epochs, grad_accum=grad_accum, seed=seed,
                              checkpoint_dir=checkpoint_dir, **options)
         data = load_jsonl(dataset, self.tokenizer, self.max_model_len) if isinstance(dataset, str) else list(dataset)
+        if self._needs_latency_fit() and not self._latency_fitted:     # NOTE: after the data checks: it takes seconds
+            self.fit_latency_model()
         if adapter not in self.adapters:
             if init_adapter is not None:
                 self.load_adapter(adapter, init_adapter)

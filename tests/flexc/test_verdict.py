@@ -77,15 +77,13 @@ def test_loss_must_fall(losses, ok):
 
 def test_causes_when_the_machine_is_not_to_blame():
     """A failed job is reported with its error; with a quiet machine and iterations as profiled the cause says
-    the machine is not to blame; inference_only is named as why finetuning never ran."""
+    the machine is not to blame."""
     quiet = MachineLoad(cores=2, start=0.1, end=1.5, own_threads=2, busy_fraction=0.7)
     v = judge(RunFacts(**{**GOOD, "ft_status": "failed", "ft_error": "3 non-finite steps in a row"}, load=quiet,
                        observed_s=105.0, profiled_s=100.0, iterations_compared=10))
     assert v.problems == ["the finetuning job failed (3 non-finite steps in a row)"]
     assert v.causes == ["none found in the machine (load of others 0.1 on 2 cores; iterations matched the profile "
                         "(1.05x)): the load or the SLOs ask more than this machine serves"]
-    v = judge(RunFacts(**{**GOOD, "ft_steps": 0, "losses": [], "ft_status": "queued"}, policy="inference_only"))
-    assert v.causes == ["policy inference_only never runs finetuning"]
 
 
 def test_profile_watch_predicts_with_the_start_up_fit():

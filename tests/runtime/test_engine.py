@@ -285,6 +285,24 @@ def test_lora_engine_without_policy_finetunes_to_the_end(lora_setup):
     assert job.status == "completed" and job.step == 2 and not engine.has_work()
 
 
+def test_finetune_checks_the_dataset_before_profiling(lora_setup, tmp_path, monkeypatch):
+    """finetune(path) with a missing or malformed file raises the loader's ValueError (naming the path, or
+    file:line) before the latency profiling a first finetune starts (made to raise here)."""
+    engine = Engine(lora_setup[3].compiled, lora_setup[3].model, tokenizer=None,
+                    config=EngineConfig(kv_cache_tokens=512, token_budget=32, block_size=4, max_adapters=2))
+    assert engine._needs_latency_fit()
+
+    def boom():
+        raise AssertionError("profiled before the dataset was checked")
+    monkeypatch.setattr(engine, "fit_latency_model", boom)
+    with pytest.raises(ValueError, match="^dataset: no such file: .*nope.jsonl$"):
+        engine.finetune(str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, 2}\n')
+    with pytest.raises(ValueError, match="^dataset: .*bad.jsonl:2: not valid JSON at character 20"):
+        engine.finetune(str(bad))
+
+
 def test_finetune_refused_or_stalled_loop_named(lora_setup):
     """finetune() under a policy that never finetunes is refused naming it; a policy that schedules nothing at
     all makes step() raise a no-progress error naming the stuck work instead of spinning."""
