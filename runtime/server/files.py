@@ -37,7 +37,7 @@ def check_jsonl(src: IO[bytes]) -> int:
         if not line:
             continue
         try:
-            text = line.decode("utf-8")
+            text = line.decode("utf-8-sig")      # NOTE: a BOM before the first line is dropped
         except UnicodeDecodeError as e:
             raise APIError(400, f"line {lineno}: not UTF-8 text (byte {e.start})", param="file",
                            code="invalid_file") from None
