@@ -60,9 +60,10 @@ def load_plan(path: str) -> dict:
     return plan
 
 
-def _prune_report(plan: dict) -> dict:
-    for rec in plan.get("passes", []):
-        if isinstance(rec, dict) and rec.get("name") == "prune" and isinstance(rec.get("report"), dict):
+def _report(plan: dict, name: str) -> dict:
+    """The last report of pass ``name`` in a plan ({} if it did not run)."""
+    for rec in reversed(plan.get("passes", [])):
+        if isinstance(rec, dict) and rec.get("name") == name and isinstance(rec.get("report"), dict):
             return rec["report"]
     return {}
 
@@ -70,7 +71,7 @@ def _prune_report(plan: dict) -> dict:
 def summarize(plan: dict) -> dict:
     """The three tables as plain data."""
     mem = plan["memory"]
-    prune = _prune_report(plan)
+    prune = _report(plan, "prune")
     installed = mem.get("installed", "pruned_remat")
     regions = []
     for name, info in mem["regions"].items():
@@ -91,7 +92,8 @@ def summarize(plan: dict) -> dict:
     return {"model": plan.get("model", {}).get("name"), "seq_len": mem["seq_len"], "installed": installed,
             "regions": regions, "strategies": strategies, "breakdown": mem["breakdown"],
             "device_memory": mem.get("device_memory"), "kv_tokens_for_inference": mem.get("kv_tokens_for_inference"),
-            "kv_cache_bytes_per_token": mem.get("kv_cache_bytes_per_token"), "pareto": mem.get("pareto")}
+            "kv_cache_bytes_per_token": mem.get("kv_cache_bytes_per_token"), "pareto": mem.get("pareto"),
+            "serving": _report(plan, "serve")}
 
 
 def _size(n: Any) -> str:
@@ -143,6 +145,9 @@ def format_tables(s: dict) -> str:
     if s["kv_tokens_for_inference"] is not None:
         out.append(f"  KV cache tokens left for inference: {s['kv_tokens_for_inference']:,} "
                    f"({_size(s['kv_cache_bytes_per_token'])}/token)")
+    if s.get("serving"):
+        from flexc.passes.serve import serving_summary_lines     # NOTE: torch loads only for this section
+        out += ["", *serving_summary_lines(s["serving"])]
     return "\n".join(out)
 
 

@@ -359,15 +359,15 @@ class Engine:
         with tqdm(total=total, disable=None if progress is None else not progress, delay=0 if progress else 2,
                   unit="step" if jobs else "req", desc="co-serving" if jobs and reqs else
                   "finetuning" if jobs else "serving", leave=bool(progress)) as bar:
-            start = {j.job_id: j.step for j in jobs}
-            done = 0
+            steps = sum(j.step for j in jobs)
             while self.has_work():
-                done += sum(1 for ev in self.step() if ev.finished)
-                bar.n = done + sum(j.step - start[j.job_id] for j in jobs)
+                finished = sum(1 for ev in self.step() if ev.finished)
+                now = sum(j.step for j in jobs)
                 losses = [j.loss_history[-1] for j in jobs if j.loss_history]
                 if losses:
                     bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-                bar.refresh()
+                bar.update(finished + now - steps)
+                steps = now
 
     def metrics(self, with_history: bool = True) -> EngineMetrics:
         """SLO attainment, TTFT/TPOT percentiles, inference and finetuning tokens/s, per-iteration history."""

@@ -6,7 +6,8 @@ then as many finetuning tokens as the latency model predicts keep the
 iteration within the TPOT target: forward tokens of the active finetuning
 sequence while its forward is incomplete, else backward layers (a window
 top-down over the whole sequence). When no inference work is present the
-iteration still advances finetuning, so idle time is never wasted.
+iteration is a finetuning-only one (a full token budget of forward, or the whole backward, as
+``finetune_only`` runs), so idle time is never wasted.
 
 Baselines beside it, through the same :class:`~flexc.runtime.scheduler.SchedulingPolicy`
 interface:
@@ -113,14 +114,12 @@ class CoServePolicy:
 
     name = "coserve"
 
-    def __init__(self, latency: LatencyModel, tpot_slo: float, headroom: float = 0.9,
-                 min_idle_tokens: int = 16):
+    def __init__(self, latency: LatencyModel, tpot_slo: float, headroom: float = 0.9):
         if tpot_slo <= 0:
             raise ValueError(f"tpot_slo must be positive seconds, got {tpot_slo}")
         self.latency = latency
         self.budget_s = tpot_slo * headroom
         """Iteration time the policy fills up to (a margin below the TPOT SLO for prediction error)."""
-        self.min_idle_tokens = min_idle_tokens
         self._inference = DecodeFirstPolicy()
         self.bias = 1.0
         """Running mean of measured / predicted seconds over co-served iterations (inference and finetuning
@@ -155,7 +154,7 @@ class CoServePolicy:
             n = self.latency.max_fit(base, self.fill_s, lambda m: IterationWork(
                 ft_forward_tokens=m, attention_pairs=m * (start + m)), limit)
             if idle:
-                n = max(n, min(limit, self.min_idle_tokens))
+                n = limit          # NOTE: no request to protect: as much as finetune_only would run
             if n > 0:
                 _add_forward(sched, job, fs, n, seqs)
         elif fs.in_backward and not fs.done:
@@ -163,7 +162,7 @@ class CoServePolicy:
             k = self.latency.max_units(base, self.fill_s,
                                        IterationWork(ft_backward_layer_tokens=fs.length, ft_backward_layers=1), left)
             if idle:
-                k = max(k, 1)
+                k = left
             sched.schedule_finetune_backward(fs, min(k, left))
         return seqs
 
