@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 run: install
 	@$(VENV)/bin/flexc run
 
+# two workers on two cores (tests/conftest.py gives each one torch thread); the embedded-model tests share one
+# worker and one load of the model (xdist group "smollm2")
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadgroup
 
 bench: install
 	$(PY) benchmarks/compile.py

@@ -47,7 +47,8 @@ class Engine(_Engine):
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, lora: Any = None, dtype: str = "fp32",
                         policy: Union[None, str, "SchedulingPolicy"] = None, dims: Optional["ParallelDims"] = None,
                         device: str = "auto", config: Optional[EngineConfig] = None,
-                        max_lora_rank: Optional[int] = None, **options: Any) -> _Engine:
+                        max_lora_rank: Optional[int] = None, compile_options: Optional[dict] = None,
+                        **options: Any) -> _Engine:
         """Compile ``name_or_path`` (see :func:`flexc.resolve_model`), load its weights and tokenizer.
 
         ``lora``: None (base model only), True, a ``LoraSpec``, its dict or a ``peft.LoraConfig``: the adapter
@@ -61,6 +62,9 @@ class Engine(_Engine):
         ``tp=dims.tp``, the result is a :class:`~flexc.runtime.tp_engine.TPEngine` holding this rank's shards.
         ``device``: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``: where the
         weights, the KV cache and the batches live.
+        ``compile_options``: options of :func:`flexc.compile`'s passes, e.g. ``{"activation_budget": "max"}``
+        (save every value the backward needs instead of recomputing: the fastest finetuning, the most memory)
+        or ``{"recompute_budget": 0.3}``.
         """
         cfg = engine_config(config, **options)
         where = resolve_device(device)
@@ -77,7 +81,7 @@ class Engine(_Engine):
         # NOTE: the training passes (memory plan) have nothing to plan for a base-only engine: skip them there
         passes = None if spec is not None else ("parallelize", "serve") if tp > 1 else ("serve",)
         compiled = flexc_compile(source, lora=spec, dtype=dtype, builtin_passes=passes,
-                                 **({"tp": tp} if tp > 1 else {}))
+                                 **({"tp": tp} if tp > 1 else {}), **(compile_options or {}))
         model = load_model(source, spec, dtype).to(where)
         tokenizer = load_tokenizer(source)
         if tp > 1:

@@ -22,3 +22,33 @@ def tiny_llama(tmp_path_factory):
     """tests.utils.TinyLlama, compiled once per session (read-only for the tests that use it)."""
     from tests.utils import build_tiny_llama
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_lora():
+    """The embedded SmolLM2-135M compiled once per session with LoRA r=16 alpha 32 on all seven projections (the
+    spec of the README and the main job), its fp32 weights with PEFT's adapter, and its tokenizer. Tests that
+    change weights take ``copy.deepcopy(smollm2_lora.model)``; the xdist group keeps them on one worker."""
+    import types
+
+    import flexc
+    from flexc.models import load_model, load_tokenizer
+    compiled = flexc.compile("smollm2-135m", lora=flexc.LoraSpec(r=16, alpha=32), seq_len=64)
+    return types.SimpleNamespace(compiled=compiled, model=load_model(compiled.source, compiled.lora, "fp32"),
+                                 tokenizer=load_tokenizer(compiled.source))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers on two cores) each worker keeps to one torch thread, and
+    so do the processes tests start: two workers with two OpenMP threads each would spin against each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the shared embedded model run on one xdist worker, so it is loaded and compiled once."""
+    for item in items:
+        if "smollm2_lora" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
+            item.add_marker(pytest.mark.slow_model)

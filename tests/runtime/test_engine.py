@@ -95,12 +95,13 @@ def test_device_choice_and_errors(tiny):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    engine = flexc.Engine.from_pretrained("smollm2-135m", kv_cache_tokens=2048, token_budget=16)
-    from transformers import AutoModelForCausalLM
-    src = engine.compiled.source
-    ref = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32).eval()
-    return engine, ref
+def smollm2(smollm2_lora):
+    """An engine on the shared SmolLM2 (its requests use no adapter) and, as the reference, transformers' model with
+    PEFT's adapter disabled (the base model itself)."""
+    s = smollm2_lora
+    engine = Engine(s.compiled, s.model, tokenizer=s.tokenizer,
+                    config=EngineConfig(kv_cache_tokens=2048, token_budget=16))
+    return engine, s.model
 
 
 def test_smollm2_greedy_matches_transformers(smollm2):
@@ -117,13 +118,27 @@ def test_smollm2_greedy_matches_transformers(smollm2):
     res += engine.generate(["What is 2+2?"], max_new_tokens=8, chat=True)
     prompts = [tok.encode(texts[0]), tok.encode(texts[1]), chat]
     assert res[2].prompt_token_ids == chat
-    for r, p, m in zip(res, prompts, [10, 6, 8]):
-        assert r.token_ids == hf_greedy(ref, p, m, ref.generation_config.eos_token_id)
+    with ref.disable_adapter():
+        want = [hf_greedy(ref, p, m, ref.generation_config.eos_token_id) for p, m in zip(prompts, [10, 6, 8])]
+    for r, p, w in zip(res, prompts, want):
+        assert r.token_ids == w
         assert r.text == tok.decode(r.token_ids, skip_special_tokens=True)
     full = res[0].text
     word = full.split()[1]
     cut = engine.generate(texts[0], max_new_tokens=10, stop=word)[0]
     assert cut.finish_reason == "stop" and cut.text == full[:full.index(word)]
+
+
+def test_smollm2_inductor_gives_eager_tokens(smollm2):
+    """The embedded model's serving graph compiled by Inductor (dynamic in the token count) gives the eager
+    engine's greedy tokens for a batch of prompts of different lengths."""
+    eager, _ = smollm2
+    engine = Engine(eager.compiled, eager.model, tokenizer=eager.tokenizer,
+                    config=EngineConfig(kv_cache_tokens=2048, token_budget=16, backend="inductor"))
+    prompts = ["The capital of France is", "List three colours:", "Once upon a time, in a small village by the sea,"]
+    want = [r.token_ids for r in eager.generate(prompts, max_new_tokens=6)]
+    assert [r.token_ids for r in engine.generate(prompts, max_new_tokens=6)] == want
+    assert engine.executor.compile_seconds > 0
 
 
 @pytest.fixture(scope="module")

@@ -58,13 +58,15 @@ def _peft_sgd(model, init, data, lr, grad_accum):
     return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def test_coserved_sgd_equals_peft(setup, tmp_path):
-    """SGD steps co-served with inference requests (chunked forward, windowed backward) equal PEFT's adapter;
-    the saved adapter loads in PEFT and generates the engine's tokens."""
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_coserved_sgd_equals_peft(setup, tmp_path, backend):
+    """SGD steps co-served with inference requests (chunked forward, windowed backward) equal PEFT's adapter, with
+    the serving graphs run as captured or compiled by Inductor; the saved adapter loads in PEFT and generates the
+    engine's tokens."""
     src, spec, cm = setup
     model = load_model(src, spec, "fp32", seed=5)
-    engine = Engine(cm, model, config=EngineConfig(kv_cache_tokens=1024, token_budget=12, block_size=4),
-                    policy=_policy(3))
+    engine = Engine(cm, model, config=EngineConfig(kv_cache_tokens=1024, token_budget=12, block_size=4,
+                                                   backend=backend), policy=_policy(3))
     data = _data(4)
     job = engine.finetune(data, adapter="ft", optimizer="sgd", lr=0.5, grad_accum=2, seed=3)
     init = {k: v.clone() for k, v in engine.adapters.get("ft").weights.items()}
@@ -144,12 +146,10 @@ def test_policy_names():
     assert isinstance(make_policy("finetune_only"), FinetuneOnlyPolicy)
 
 
-@pytest.mark.slow_model
-def test_coserved_sgd_equals_peft_smollm2():
+def test_coserved_sgd_equals_peft_smollm2(smollm2_lora):
     """On the embedded SmolLM2-135M: two co-served SGD steps (chunked, windowed, beside inference) equal PEFT's."""
-    spec = LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
-    cm = flexc.compile("smollm2-135m", lora=spec, seq_len=32)
-    model = load_model(cm.source, spec, "fp32")
+    cm = smollm2_lora.compiled
+    model = copy.deepcopy(smollm2_lora.model)
     engine = Engine(cm, model, config=EngineConfig(kv_cache_tokens=512, token_budget=12, block_size=4),
                     policy=_policy(30))
     g = torch.Generator().manual_seed(2)
@@ -165,7 +165,7 @@ def test_coserved_sgd_equals_peft_smollm2():
     engine.run_until_idle()
     hist = engine.metrics().history
     assert any(0 < h["ft_backward_layers"] < 30 for h in hist)
-    ref = _peft_sgd(load_model(cm.source, spec, "fp32"), init, data, 0.5, 1)
+    ref = _peft_sgd(copy.deepcopy(smollm2_lora.model), init, data, 0.5, 1)
     ours = engine.adapters.get("ft").weights
     for n in ref:
         assert rel_err(ours[n], ref[n]) < 1e-4, n

@@ -1,4 +1,6 @@
 """The compiled region graphs, run with real weights, reproduce the eager HF+PEFT model."""
+import copy
+
 import pytest
 import torch
 
@@ -67,14 +69,12 @@ def test_token_count_differs_from_capture(tmp_path):
     assert max(rel_err(step.grads[k], g) for k, g in ref_grads.items()) < 1e-4
 
 
-@pytest.mark.slow_model
-def test_smollm2_matches_peft():
+def test_smollm2_matches_peft(smollm2_lora):
     """The embedded SmolLM2-135M with real weights: logits match PEFT (1e-5); the LoRA gradients match PEFT's
     (5e-5 over all of them together), and each one is as close to the exact (fp64) gradient as PEFT's own fp32
     gradient is (30 layers of fp32 rounding put single small gradients ~1e-4 apart in any two fp32 orders)."""
-    spec = LoraSpec(r=4, alpha=8)
-    cm = flexc.compile("smollm2-135m", lora=spec, seq_len=32)
-    model = load_model(cm.source, spec, "fp32")
+    cm = smollm2_lora.compiled
+    model = copy.deepcopy(smollm2_lora.model)
     randomize_lora(model, std=0.01)
     logits, ref_logits, step, ref_grads, _ = _parity(cm, model, [9, 6], cm.source.config.vocab_size)
     assert rel_err(logits, ref_logits) < 1e-5

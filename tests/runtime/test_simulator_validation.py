@@ -1,9 +1,10 @@
 """The simulator predicts a real co-serving run of the embedded model: SLO attainment, finetuning tokens/s and TPOT
 p50 within 15% of what the engine measured, for the same arrivals, lengths, finetuning data and policy."""
-import pytest
+import copy
+
 import torch
 
-import flexc
+from flexc.runtime.engine import Engine, EngineConfig
 from flexc.runtime.policies import CoServePolicy
 from flexc.runtime.simulator.validation import (attainment, compare, error_line, full_iteration, make_load,
                                                 run_real, run_replay)
@@ -13,8 +14,7 @@ DURATION = 30.0
 DRAIN = 30.0
 
 
-@pytest.mark.slow_model
-def test_simulation_matches_a_real_coserving_run():
+def test_simulation_matches_a_real_coserving_run(smollm2_lora):
     """SmolLM2-135M co-serving on this CPU (one torch thread): the latency model is profiled at start-up and
     refined by the engine on every iteration of the run; the simulation of the same load prices its iterations
     with that refined model (fitted on this machine, on this run's iterations) and starts its policy from the
@@ -28,8 +28,8 @@ def test_simulation_matches_a_real_coserving_run():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = flexc.Engine.from_pretrained("smollm2-135m", lora=flexc.LoraSpec(r=16, alpha=32),
-                                              token_budget=BUDGET, kv_cache_tokens=8192)
+        engine = Engine(smollm2_lora.compiled, copy.deepcopy(smollm2_lora.model), tokenizer=smollm2_lora.tokenizer,
+                        config=EngineConfig(token_budget=BUDGET, kv_cache_tokens=8192))
         engine.fit_latency_model()
         t0 = full_iteration(engine.latency, BUDGET)
         engine.scheduler.policy = CoServePolicy(engine.latency, 2.5 * t0)   # refined online by the engine
