@@ -37,9 +37,10 @@ from flexc.runtime.batch import ExecutorOutput, SamplingParams, SchedulerOutput,
 from flexc.runtime.checkpoint import save_peft_adapter
 from flexc.runtime.dataset import load_jsonl
 from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, FinetuneQueue
-from flexc.runtime.latency import LatencyModel, iteration_work
+from flexc.runtime.latency import LatencyModel, forward_work, iteration_work
 from flexc.runtime.policies import InferenceOnlyPolicy, make_policy
-from flexc.runtime.profiling import profile_latency
+from flexc.runtime.latency_checks import flop_costs, profile_context
+from flexc.runtime.profiling import load_or_profile, profile_latency
 from flexc.runtime.metrics import EngineMetrics, MetricsRecorder
 from flexc.runtime.executor import BACKENDS, Executor, make_kv_spec
 from flexc.runtime.kv_cache import KVCacheManager, make_num_blocks
@@ -81,7 +82,11 @@ class EngineConfig:
     ttft_slo: float = 5.0
     """Target seconds to the first token, queueing included (for SLO attainment)."""
     latency_profile: Optional[str] = None
-    """JSON file of the fitted latency model: loaded if it exists, else profiled at start-up and written."""
+    """JSON file of the fitted latency model: loaded if it exists, was measured in this context (model, dtype,
+    threads, device, torch, backend, machine) and is sane, else profiled at start-up and written."""
+    min_finetune_share: float = 0.05
+    """The co-serving policy's floor: this fraction of each iteration's token budget (at least one backward layer)
+    goes to finetuning while a job has work, even when the TPOT SLO cannot be met; 0 puts the SLO first."""
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
@@ -90,6 +95,8 @@ class EngineConfig:
             self.kv_cache_tokens = 16384
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not 0 <= self.min_finetune_share <= 1:
+            raise ValueError(f"min_finetune_share must be a fraction in [0, 1], got {self.min_finetune_share}")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -192,7 +199,8 @@ class Engine:
         self.kv = kv
         self.latency = latency
         if isinstance(policy, str):
-            policy = make_policy(policy, latency, self.config.tpot_slo)
+            policy = make_policy(policy, latency, self.config.tpot_slo,
+                                 min_finetune_share=self.config.min_finetune_share)
         self.scheduler = Scheduler(SchedulerConfig(token_budget=self.config.token_budget,
                                                    max_num_seqs=self.config.max_num_seqs,
                                                    max_model_len=self.max_model_len), kv, policy)
@@ -360,35 +368,31 @@ class Engine:
     def _record(self, batch, lengths: dict[str, int], t0: float, seconds: float, generated: int,
                 ft_done: int) -> None:
         work = iteration_work(batch, len(self.executor.runner.layers), lengths)
+        policy = self.scheduler.policy
+        model = getattr(policy, "latency", None) or self.latency        # the model the policy plans with
+        predicted = inference = profiled = None
+        if model.profiled is not None:          # NOTE: predictions before this iteration refines the model
+            predicted = model.predict(work)
+            inference = model.predict(forward_work([s for s in batch.seqs if s.kind is not SeqKind.FINETUNE]))
+            profiled = float(model.profiled @ work.features(model.num_layers))
         if seconds > 0 and (work.ft_backward_layer_tokens or batch.seqs):
             self.latency.observe(work, seconds)
-            policy = self.scheduler.policy
             if getattr(policy, "latency", None) is self.latency and hasattr(policy, "observe"):
                 policy.observe(work, seconds)       # NOTE: a policy with a model of its own (tests) stays fixed
         self.recorder.iteration(t0, seconds, decode_tokens=work.decode_tokens, prefill_tokens=work.prefill_tokens,
                                 ft_forward_tokens=work.ft_forward_tokens,
                                 ft_backward_layers=sum(batch.finetune_backward.values()),
-                                generated_tokens=generated, ft_tokens_done=ft_done)
+                                generated_tokens=generated, ft_tokens_done=ft_done, predicted_s=predicted,
+                                predicted_inference_s=inference, profiled_s=profiled)
 
     # ------------------------------------------------------------------ finetuning
     def fit_latency_model(self) -> LatencyModel:
-        """Load the latency model from ``config.latency_profile`` or profile it now (and save it there)."""
-        import os
-        path = self.config.latency_profile
-        if path and os.path.isfile(path):
-            try:
-                loaded = LatencyModel.load(path)
-            except ValueError as e:             # e.g. written by an older flexc with other features
-                logger.warning("%s; profiling again", e)
-            else:
-                self.latency.coef = loaded.coef
-                return self.latency
-        t0 = time.perf_counter()
-        samples = profile_latency(self.executor, self.kv, self.vocab_size, self.max_model_len)
-        self.latency.fit(samples)
-        logger.info("latency model profiled in %.1f s: %s", time.perf_counter() - t0, self.latency.to_dict())
-        if path:
-            self.latency.save(path)
+        """Load the latency model from ``config.latency_profile`` if it was measured in this context and is sane,
+        else profile it now (and save it there); see :func:`~flexc.runtime.profiling.load_or_profile`."""
+        param = next(self.model.parameters())
+        context = profile_context(self.compiled, dtype=param.dtype, device=param.device, backend=self.config.backend)
+        load_or_profile(self.latency, self.config.latency_profile, context, flop_costs(self.compiled, param.device),
+                        lambda: profile_latency(self.executor, self.kv, self.vocab_size, self.max_model_len))
         return self.latency
 
     def finetune(self, dataset: Any, *, adapter: str = "default", init_adapter: Optional[str] = None,
