@@ -392,8 +392,12 @@ class Engine:
         param = next(self.model.parameters())
         context = profile_context(self.compiled, dtype=param.dtype, device=param.device, backend=self.config.backend)
         load_or_profile(self.latency, self.config.latency_profile, context, flop_costs(self.compiled, param.device),
-                        lambda: profile_latency(self.executor, self.kv, self.vocab_size, self.max_model_len))
+                        self._profile_latency)
         return self.latency
+
+    def _profile_latency(self) -> list:
+        """One start-up profile's samples (a tensor-parallel engine has every rank time the same grid)."""
+        return profile_latency(self.executor, self.kv, self.vocab_size, self.max_model_len)
 
     def finetune(self, dataset: Any, *, adapter: str = "default", init_adapter: Optional[str] = None,
                  optimizer: str = "adamw", lr: float = 1e-4, steps: Optional[int] = None, epochs: int = 1,

@@ -23,7 +23,8 @@ Drift: the model compares every observed iteration with its prediction. When
 the median observed/predicted ratio over the last ``drift_window`` iterations
 is off by more than ``drift_threshold`` (25%), it adapts at once: every
 coefficient is scaled by that ratio and the samples from before the change are
-dropped, so later refits see the new speed only. Separately, :attr:`LatencyModel.drift`
+dropped, so later refits see the new speed only; half a window later it checks
+again (and rescales again if still off). Separately, :attr:`LatencyModel.drift`
 says whether iterations currently take a different time than the *profile*
 predicted (a busy or slower machine), with the ratio; a warning is logged once
 per such episode. A ``check`` (see :mod:`flexc.runtime.latency_checks`) keeps
@@ -161,6 +162,7 @@ class LatencyModel:
         self._ratios: collections.deque = collections.deque(maxlen=drift_window)        # observed / predicted
         self._profiled_ratios: collections.deque = collections.deque(maxlen=drift_window)   # observed / profiled
         self._drift: Optional[Drift] = None
+        self._following = False
         self.saved_context: Optional[dict] = None
         """What a loaded profile says it was measured on (see :meth:`load`)."""
         self.source: Optional[str] = None
@@ -192,6 +194,7 @@ class LatencyModel:
         self._ratios.clear()
         self._profiled_ratios.clear()
         self._drift = None
+        self._following = False
 
     @property
     def samples(self) -> list[tuple[np.ndarray, float]]:
@@ -235,11 +238,15 @@ class LatencyModel:
     def _adapt(self) -> bool:
         """When the recent observed/predicted median is off by more than the threshold, scale every coefficient
         by it and drop the samples from before the change. Returns whether it adapted."""
-        if len(self._ratios) < self.drift_window:
+        # NOTE: right after an adaptation half a window decides whether it went far enough (a rescale fitted on
+        # one mix of iterations may be off for the mix the policy schedules next)
+        if len(self._ratios) < (self.drift_window // 2 if self._following else self.drift_window):
             return False
         r = float(np.median(self._ratios))
         if not self._outside(r, self.drift_threshold):
+            self._following = self._following and len(self._ratios) < self.drift_window
             return False
+        self._following = True
         self.coef = self.coef * r
         recent = list(self._samples)[-self.drift_window:]
         self._samples.clear()

@@ -48,9 +48,8 @@ def load_or_profile(latency: LatencyModel, path: Optional[str], context: Profile
     ``corrected``."""
     latency.check = implausible_indices(costs)
     if path and os.path.isfile(path):
-        why = _not_reusable(path, context, costs)
-        if why is None:
-            saved = LatencyModel.load(path)
+        saved, why = _saved_profile(path, context, costs)
+        if saved is not None:
             latency.set_profile(saved.coef, saved.samples)
             latency.source = "loaded"
             logger.info("latency model loaded from %s", path)
@@ -77,17 +76,18 @@ def load_or_profile(latency: LatencyModel, path: Optional[str], context: Profile
     return latency.source
 
 
-def _not_reusable(path: str, context: ProfileContext, costs: FlopCosts) -> Optional[str]:
-    """Why the profile saved at ``path`` cannot be used here, None if it can."""
+def _saved_profile(path: str, context: ProfileContext,
+                   costs: FlopCosts) -> tuple[Optional[LatencyModel], Optional[str]]:
+    """The profile saved at ``path`` if it can be used here, else None and why not."""
     try:
         saved = LatencyModel.load(path)
     except ValueError as e:             # e.g. written by an older flexc with other features
-        return str(e)
+        return None, str(e)
     why = context.differs(saved.saved_context)
     if why is not None:
-        return why
+        return None, why
     problems = check_fit(saved.coef, costs, len(saved.samples), saved.residual())
-    return f"its fit is implausible ({'; '.join(problems)})" if problems else None
+    return (None, f"its fit is implausible ({'; '.join(problems)})") if problems else (saved, None)
 
 
 def profile_latency(executor: "Executor", kv: "KVCacheManager", vocab_size: int, max_len: int,
