@@ -113,6 +113,13 @@ def main_compile(args: argparse.Namespace) -> int:
         options["device_memory"] = args.device_memory
     if os.getcwd() not in sys.path:       # NOTE: --pass module:function resolves from here, as ``python -m`` does
         sys.path.insert(0, os.getcwd())
+    from flexc.passes.manager import resolve_pass
+    for spec in args.passes:              # NOTE: before the capture, which takes seconds to minutes
+        try:
+            resolve_pass(spec)
+        except ValueError as e:
+            msg = str(e)                  # "pass 'x:f': cannot import ..." -> "--pass 'x:f': cannot import ..."
+            raise ValueError(f"--{msg}" if msg.startswith("pass ") else f"--pass {spec!r}: {msg}") from None
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ValueError(f"cannot write {args.output}: directory {out_dir} does not exist")
@@ -158,8 +165,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_libraries()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except ValueError as e:
         print(f"flexc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        # NOTE: a file error no check caught first: say what and which path, not "[Errno 2]"
+        what = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+        print(f"flexc {args.command}: error: {what}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"flexc {args.command}: interrupted", file=sys.stderr)

@@ -36,13 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_plan(path: str) -> dict:
     """Read and check a plan.json; ValueError naming what is wrong with it."""
+    from flexc.runtime.dataset import read_text
+    text = read_text(path, "plan")          # "plan: no such file: ..."
     try:
-        with open(path) as f:
-            plan = json.load(f)
+        plan = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a flexc plan (invalid JSON at line {e.lineno}: {e.msg})") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a flexc plan (not a text file)") from e
     if not isinstance(plan, dict) or "schema_version" not in plan:
         raise ValueError(f"{path}: not a flexc plan (no schema_version; write one with 'flexc compile')")
     if plan["schema_version"] != SCHEMA_VERSION:
@@ -61,9 +60,10 @@ def load_plan(path: str) -> dict:
     return plan
 
 
-def _prune_report(plan: dict) -> dict:
-    for rec in plan.get("passes", []):
-        if isinstance(rec, dict) and rec.get("name") == "prune" and isinstance(rec.get("report"), dict):
+def _report(plan: dict, name: str) -> dict:
+    """The last report of pass ``name`` in a plan ({} if it did not run)."""
+    for rec in reversed(plan.get("passes", [])):
+        if isinstance(rec, dict) and rec.get("name") == name and isinstance(rec.get("report"), dict):
             return rec["report"]
     return {}
 
@@ -71,7 +71,7 @@ def _prune_report(plan: dict) -> dict:
 def summarize(plan: dict) -> dict:
     """The three tables as plain data."""
     mem = plan["memory"]
-    prune = _prune_report(plan)
+    prune = _report(plan, "prune")
     installed = mem.get("installed", "pruned_remat")
     regions = []
     for name, info in mem["regions"].items():
@@ -92,7 +92,8 @@ def summarize(plan: dict) -> dict:
     return {"model": plan.get("model", {}).get("name"), "seq_len": mem["seq_len"], "installed": installed,
             "regions": regions, "strategies": strategies, "breakdown": mem["breakdown"],
             "device_memory": mem.get("device_memory"), "kv_tokens_for_inference": mem.get("kv_tokens_for_inference"),
-            "kv_cache_bytes_per_token": mem.get("kv_cache_bytes_per_token"), "pareto": mem.get("pareto")}
+            "kv_cache_bytes_per_token": mem.get("kv_cache_bytes_per_token"), "pareto": mem.get("pareto"),
+            "serving": _report(plan, "serve")}
 
 
 def _size(n: Any) -> str:
@@ -144,6 +145,9 @@ def format_tables(s: dict) -> str:
     if s["kv_tokens_for_inference"] is not None:
         out.append(f"  KV cache tokens left for inference: {s['kv_tokens_for_inference']:,} "
                    f"({_size(s['kv_cache_bytes_per_token'])}/token)")
+    if s.get("serving"):
+        from flexc.passes.serve import serving_summary_lines     # NOTE: torch loads only for this section
+        out += ["", *serving_summary_lines(s["serving"])]
     return "\n".join(out)
 
 
@@ -227,10 +231,10 @@ def write_pareto_png(s: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _check_out(path: str) -> None:
+def _check_out(path: str, flag: str) -> None:
     out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
-        raise ValueError(f"cannot write {path}: directory {out_dir} does not exist")
+        raise ValueError(f"{flag}: cannot write {path}: directory {out_dir} does not exist")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -240,9 +244,9 @@ def main(args: argparse.Namespace) -> int:
     if pareto is not None and not s["pareto"]:
         raise ValueError(f"{args.plan}: plan has no recompute sweep (memory.pareto); write it again with "
                          "'flexc compile' (with LoRA)")
-    for path in (args.png, pareto):
+    for path, flag in ((args.png, "--png"), (pareto, "--pareto")):
         if path:
-            _check_out(path)
+            _check_out(path, flag)
     if args.png:
         write_png(s, args.png)
     if pareto:

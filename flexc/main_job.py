@@ -32,6 +32,7 @@ import time
 from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
 from flexc.runtime.metrics import percentile
+from flexc.verdict import MachineLoad, ProfileWatch, RunFacts, exit_status, judge, read_load
 
 if TYPE_CHECKING:
     from flexc.runtime.engine import Engine, GenerationResult
@@ -110,17 +111,26 @@ def make_load(rate: float, duration: float, seed: int, *, min_new_tokens: int = 
             for t in make_arrivals(rate, duration, seed)]
 
 
-def load_eval(path: str = EVAL_FILE) -> list[dict]:
-    """The evaluation questions: JSONL of ``{"question", "keyword"}``."""
+EVAL_FORMAT = '{"question": str, "keyword": str}'
+
+
+def load_eval(path: str = EVAL_FILE, what: str = "--eval") -> list[dict]:
+    """The evaluation questions: JSONL of ``{"question", "keyword"}``; a missing, malformed or empty file is a
+    ValueError naming ``what`` and the path (or ``file:line``)."""
+    from flexc.runtime.dataset import parse_jsonl_line, read_text
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            if not isinstance(item.get("question"), str) or not isinstance(item.get("keyword"), str):
-                raise ValueError(f"{path}:{lineno}: expected {{'question': str, 'keyword': str}}")
-            items.append(item)
+    for lineno, line in enumerate(read_text(path, what).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{what}: {path}:{lineno}"
+        item = parse_jsonl_line(line, where, EVAL_FORMAT)
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) \
+                or not isinstance(item.get("keyword"), str):
+            keys = f"an object with keys {sorted(item)}" if isinstance(item, dict) else f"{type(item).__name__}"
+            raise ValueError(f"{where}: expected {EVAL_FORMAT}, got {keys}")
+        items.append(item)
+    if not items:
+        raise ValueError(f"{what}: {path} has no questions (the file is empty); expected one {EVAL_FORMAT} per line")
     return items
 
 
@@ -197,7 +207,7 @@ def serve(engine: "Engine", load: Sequence[LoadRequest], duration: float, *, job
         for ev in events:
             if ev.finished and ev.request_id in live:
                 live.discard(ev.request_id)
-                stats.results.append(engine.result(ev.request_id))
+                stats.results.append(engine.result(ev.request_id, release=True))
 
     while True:
         now = time.perf_counter() - t0
@@ -289,8 +299,9 @@ def quiet_stderr():
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=150.0, help="seconds of co-serving (default 150)")
     p.add_argument("--rate", type=float, default=0.5, help="inference requests per second, Poisson (default 0.5)")
-    p.add_argument("--policy", default="coserve", choices=("coserve", "temporal", "inference_only"),
-                   help="how finetuning shares the iterations: coserve (default), temporal or inference_only")
+    p.add_argument("--policy", default="coserve", choices=("coserve", "temporal"),
+                   help="how finetuning shares the iterations: coserve (default) or temporal (the job always "
+                        "finetunes; benchmarks/coserve.py compares inference_only)")
     p.add_argument("--tpot-slo", type=float, default=0.25, help="TPOT target in seconds (default 0.25)")
     p.add_argument("--ttft-slo", type=float, default=5.0, help="TTFT target in seconds, queueing included (default 5)")
     p.add_argument("--lr", type=float, default=2e-3,
@@ -307,6 +318,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "divide the model's heads (SmolLM2-135M: 1 or 3)")
     p.add_argument("--out-dir", default=os.path.join("flexc-run", "adapter"),
                    help="where the adapter, summary.json and throughput.png go (default ./flexc-run/adapter)")
+    p.add_argument("--slo-target", type=float, default=0.9,
+                   help="share of submitted requests that should meet both SLOs; below it (or with finetuning "
+                        "stalled) the summary says so and why (default 0.9)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when the run fell short (SLO attainment below --slo-target, or "
+                        "finetuning made no progress); default: report it and exit 0")
 
 
 def _build_engine(*, dims=None, policy: str, tpot_slo: float, ttft_slo: float, latency_profile: str) -> "Engine":
@@ -318,15 +335,10 @@ def _build_engine(*, dims=None, policy: str, tpot_slo: float, ttft_slo: float, l
                                             kv_cache_tokens=16384, latency_profile=latency_profile, dims=dims)
 
 
-def main(args: argparse.Namespace) -> int:
-    import functools
-
-    import torch
-
-    from flexc.ir.artifact import model_shape
-    from flexc.models import resolve_model
-    from flexc.passes.parallelize import check_tp
-    from flexc.runtime.tp_engine import run_tp
+def check_inputs(args: argparse.Namespace) -> tuple[list[LoadRequest], list[dict]]:
+    """Every flag and input file checked before any model is built (seconds, not the engine's minute):
+    (the request load, the eval questions); ValueError naming the flag and what is wrong."""
+    from flexc.runtime.dataset import check_jsonl
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.epochs < 1:
@@ -336,17 +348,40 @@ def main(args: argparse.Namespace) -> int:
     for name in ("tpot_slo", "ttft_slo"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive seconds, got {getattr(args, name)}")
+    if not 0 <= args.slo_target <= 1:
+        raise ValueError(f"--slo-target must be a fraction in [0, 1], got {args.slo_target}")
     load = make_load(args.rate, args.duration, args.seed, adapter_share=0.25, adapter=ADAPTER)
-    items = load_eval(args.eval_file)
+    check_jsonl(args.data, "--data")
+    items = load_eval(args.eval_file, "--eval")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise ValueError(f"--out-dir: {args.out_dir} exists and is not a directory")
+    return load, items
+
+
+def main(args: argparse.Namespace) -> int:
+    import functools
+
+    from flexc.ir.artifact import model_shape
+    from flexc.models import resolve_model
+    from flexc.passes.parallelize import check_tp
+    load_start = read_load()                # NOTE: before this job runs anything: the others' load
+    load, items = check_inputs(args)
     try:
         check_tp(model_shape(resolve_model("smollm2-135m")), args.tp)     # before any rank starts
     except ValueError as e:
         raise ValueError(f"--{e}") from None            # "--tp=2 does not divide num_heads=9; allowed ..."
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out-dir: cannot create {args.out_dir}: {e.strerror or e}") from None
+
+    import torch
+
+    from flexc.runtime.tp_engine import run_tp
     # NOTE: ranks share the machine's cores; more threads than cores slows every rank down
     threads = args.threads or (max(1, (os.cpu_count() or 1) // args.tp) if args.tp > 1 else 0)
     if threads:
         torch.set_num_threads(threads)
-    os.makedirs(args.out_dir, exist_ok=True)
 
     t_setup = time.perf_counter()
     tp_note = f", tp={args.tp}" if args.tp > 1 else ""
@@ -355,11 +390,12 @@ def main(args: argparse.Namespace) -> int:
     profile = "latency.json" if args.tp == 1 else f"latency-tp{args.tp}.json"
     build = functools.partial(_build_engine, policy=args.policy, tpot_slo=args.tpot_slo, ttft_slo=args.ttft_slo,
                               latency_profile=os.path.join(args.out_dir, profile))
-    return run_tp(functools.partial(_drive, args, load, items, t_setup), build, args.tp, threads=threads)
+    return run_tp(functools.partial(_drive, args, load, items, t_setup, load_start), build, args.tp,
+                  threads=threads)
 
 
 def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[dict], t_setup: float,
-           engine: "Engine") -> int:
+           load_start: Optional[float], engine: "Engine") -> int:
     """The run on the built engine (rank 0's at tp > 1): finetune beside the load, save, evaluate, report."""
     out = sys.stdout
     # NOTE: linear decay to 0 over the job: the adapter settles at the end instead of oscillating between facts
@@ -371,8 +407,15 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
           "decaying linearly)",
           file=out, flush=True)
 
-    stats = serve(engine, load, args.duration, job=job, progress=Progress(), tpot_slo=args.tpot_slo,
-                  ttft_slo=args.ttft_slo)
+    # NOTE: the engine's latency model refits itself from every iteration; the watch keeps the start-up fit
+    watch = ProfileWatch(engine.latency)
+    engine.latency.observe = watch.wrap(engine.latency.observe)
+    try:
+        stats = serve(engine, load, args.duration, job=job, progress=Progress(), tpot_slo=args.tpot_slo,
+                      ttft_slo=args.ttft_slo)
+    finally:
+        del engine.latency.observe           # the class's method again
+    load_end = read_load()
     m = engine.metrics()                      # NOTE: snapshot before the evaluation adds its own iterations
     adapter_dir = args.out_dir
     engine.save_adapter(ADAPTER, adapter_dir)
@@ -386,6 +429,15 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
 
     res = stats.results
     ok = sum(r.tpot <= args.tpot_slo and r.ttft <= args.ttft_slo for r in res)
+    import torch
+    machine = MachineLoad(cores=os.cpu_count() or 1, start=load_start, end=load_end,
+                          own_threads=torch.get_num_threads(), busy_fraction=m.busy_fraction)
+    verdict = judge(RunFacts(submitted=stats.submitted, finished=len(res), slo_met=ok, slo_target=args.slo_target,
+                             ft_status=job.status.value, ft_steps=job.step,
+                             ft_total_steps=job.total_steps, losses=list(job.loss_history), ft_error=job.error,
+                             load=machine, observed_s=watch.observed_s if watch.iterations else None,
+                             profiled_s=watch.profiled_s if watch.iterations else None,
+                             iterations_compared=watch.iterations))
     summary = {
         "policy": args.policy, "tp": args.tp, "rate": args.rate, "duration_s": round(stats.wall, 1),
         "requests": {"submitted": stats.submitted, "finished": len(res), "aborted_at_end": stats.aborted,
@@ -397,12 +449,20 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
         "eval": {"before": acc_before, "after": acc_after,
                  "answers": [{"question": it["question"], "keyword": it["keyword"], "before": b, "after": a}
                              for it, b, a in zip(items, ans_before, ans_after)]},
+        "verdict": verdict.to_dict(), "machine": dataclasses.asdict(machine),
     }
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")
+    _print_summary(args, summary, m, job, items, verdict, out)
+    print(f"wrote       {adapter_dir}/adapter_model.safetensors (PEFT), {png}, "
+          f"{os.path.join(args.out_dir, 'summary.json')}", file=out)
+    return exit_status(verdict, args.strict)
+
+
+def _print_summary(args: argparse.Namespace, summary: dict, m, job, items: list[dict], verdict, out: TextIO) -> None:
     rq = summary["requests"]
-    print(f"\ninference   {len(res)}/{stats.submitted} requests finished, SLO attainment "
+    print(f"\ninference   {rq['finished']}/{rq['submitted']} requests finished, SLO attainment "
           f"{100 * (rq['slo_attainment'] or 0):.1f}% "
           f"(TPOT <= {args.tpot_slo * 1000:.0f} ms, TTFT <= {args.ttft_slo:g} s)"
           f"\n            TTFT p50/p99 {rq['ttft_p50_s']:.2f}/{rq['ttft_p99_s']:.2f} s, "
@@ -411,11 +471,11 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
     loss = (f"loss {job.loss_history[0]:.3f} -> {job.loss_history[-1]:.3f}" if job.loss_history else "no step yet")
     print(f"finetuning  job {job.status}, step {job.step}/{job.total_steps}, {loss}, "
           f"{m.finetune_tokens_per_s:.1f} tokens/s (engine busy {100 * m.busy_fraction:.0f}% of the time)", file=out)
-    print(f"skill       Veltrax questions answered with the keyword: before {100 * acc_before:.0f}%, "
-          f"after {100 * acc_after:.0f}% ({len(items)} questions, greedy)", file=out)
-    for it, b, a in list(zip(items, ans_before, ans_after))[:3]:
-        print(f"            Q: {it['question']}\n              before: {b[:70]!r}\n              after:  {a[:70]!r}",
-              file=out)
-    print(f"wrote       {adapter_dir}/adapter_model.safetensors (PEFT), {png}, "
-          f"{os.path.join(args.out_dir, 'summary.json')}", file=out)
-    return 0
+    ev = summary["eval"]
+    print(f"skill       Veltrax questions answered with the keyword: before {100 * ev['before']:.0f}%, "
+          f"after {100 * ev['after']:.0f}% ({len(items)} questions, greedy)", file=out)
+    for a in ev["answers"][:3]:
+        print(f"            Q: {a['question']}\n              before: {a['before'][:70]!r}\n"
+              f"              after:  {a['after'][:70]!r}", file=out)
+    for line in verdict.lines():
+        print(line, file=out)

@@ -85,6 +85,28 @@ def _lora_modules(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _check_adapter_dirs(lora_modules: tuple[tuple[str, str], ...]) -> None:
+    """Each ``--lora-modules`` directory holds a PEFT adapter's two files (their contents are read when the
+    engine loads it); ValueError naming the option and the path. Names and directories are checked by
+    :class:`ServerSettings`."""
+    for name, path in lora_modules:
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            if not os.path.isfile(os.path.join(path, file)):
+                raise ValueError(f"--lora-modules {name}={path}: not a PEFT adapter directory (no {file})")
+
+
+def _check_data_dir(path: str) -> None:
+    """Create ``--data-dir`` if needed; ValueError if it is a file or cannot be created or written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--data-dir: {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--data-dir: cannot create {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--data-dir: {path} is not writable")
+
+
 def _launcher(args: argparse.Namespace) -> Callable[[Callable[["Engine"], None]], Any]:
     """``launch(drive)``: build the engine in the calling thread and run ``drive(engine)`` on it."""
     from flexc.engine import Engine
@@ -107,10 +129,7 @@ def _launcher(args: argparse.Namespace) -> Callable[[Callable[["Engine"], None]]
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
-    from flexc.runtime.server.app import serve
-    from flexc.runtime.server.settings import ServerSettings
+    from flexc.models import DEFAULT_MODEL, resolve_model
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
     for flag in ("tpot_slo_ms", "ttft_slo_ms"):
@@ -118,9 +137,16 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    _check_data_dir(args.data_dir)        # NOTE: every input is checked before the engine is built
+    if args.model != DEFAULT_MODEL:           # NOTE: reading the embedded GGUF's config takes seconds; it ships
+        resolve_model(args.model)
+
+    import torch
+
+    from flexc.runtime.server.app import serve
+    from flexc.runtime.server.settings import ServerSettings
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(args.data_dir, exist_ok=True)
     settings = ServerSettings(
         model_name=_served_name(args), data_dir=args.data_dir, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get(_KEY_ENV) or None, lora_modules=_lora_modules(args.lora_modules),
@@ -128,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
         max_upload_bytes=args.max_upload_bytes, max_prompt_tokens=args.max_prompt_tokens,
         max_pending_requests=args.max_pending_requests, finetune_lr=args.finetune_lr,
         finetune_checkpoint_every=args.checkpoint_every, tp=args.tp)
+    _check_adapter_dirs(settings.lora_modules)
     launch = _launcher(args)
     print(f"flexc serve: building the engine for {args.model} ...", flush=True)
     url = f"http://{settings.host}:{settings.port}"

@@ -85,8 +85,6 @@ class CompiledModel:
             json.dump(self.plan(), f, indent=2)
             f.write("\n")
 
-
-
     def pass_report(self, name: str) -> Any:
         """The report of the last run of pass ``name`` (ValueError naming the passes that ran if it did not)."""
         return pass_report(self.passes, name)

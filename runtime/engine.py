@@ -22,14 +22,13 @@ adapter, max_new_tokens <= 0, ...) raises ``ValueError`` from ``submit``; in
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
-import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from flexc.runtime.adapter_training import OwnCoordinatesJob
 from flexc.runtime.adapters import AdapterRegistry
@@ -38,14 +37,16 @@ from flexc.runtime.checkpoint import save_peft_adapter
 from flexc.runtime.dataset import load_jsonl
 from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, FinetuneQueue
 from flexc.runtime.latency import LatencyModel, forward_work, iteration_work
-from flexc.runtime.policies import InferenceOnlyPolicy, make_policy
 from flexc.runtime.latency_checks import flop_costs, profile_context
+from flexc.runtime.policies import make_policy
 from flexc.runtime.profiling import load_or_profile, profile_latency
 from flexc.runtime.metrics import EngineMetrics, MetricsRecorder
-from flexc.runtime.executor import BACKENDS, Executor, make_kv_spec
+from flexc.runtime.config import EngineConfig, resolve_device
+from flexc.runtime.executor import Executor, make_kv_spec
 from flexc.runtime.kv_cache import KVCacheManager, make_num_blocks
 from flexc.runtime.regions import RegionRunner
-from flexc.runtime.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulingPolicy
+from flexc.runtime.requests import GenerationResult, Prompt, RequestTracker, Stop, TokenEvent
+from flexc.runtime.scheduler import RequestStatus, Scheduler, SchedulerConfig, SchedulingPolicy
 from flexc.runtime.sequence import FinetuneSequence, make_layouts
 
 if TYPE_CHECKING:
@@ -55,117 +56,20 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineConfig", "GenerationResult", "TokenEvent", "resolve_device"]
 
-Prompt = Union[str, Sequence[int]]
-
-
-@dataclasses.dataclass(kw_only=True)
-class EngineConfig:
-    """Serving limits of one engine."""
-
-    kv_cache_tokens: Optional[int] = None
-    """Tokens the paged KV cache holds (all sequences together); default 16384 unless kv_cache_bytes is given."""
-    kv_cache_bytes: Optional[int] = None
-    """Alternative to kv_cache_tokens: a memory budget in bytes for the cache."""
-    block_size: int = 16
-    """Tokens per KV block."""
-    token_budget: int = 512
-    """Tokens per iteration (decodes + prefill chunks)."""
-    max_num_seqs: int = 256
-    """Sequences per iteration."""
-    max_adapters: int = 8
-    """LoRA adapters resident at once."""
-    backend: str = "eager"
-    """How the serving graphs run: ``eager`` (as captured, op by op) or ``inductor`` (``torch.compile``, dynamic
-    in the token count; compiled at the first batches, see ``executor.compile_seconds``)."""
-    tpot_slo: float = 0.2
-    """Target seconds per output token; the co-serving policy fills iterations with finetuning up to it."""
-    ttft_slo: float = 5.0
-    """Target seconds to the first token, queueing included (for SLO attainment)."""
-    latency_profile: Optional[str] = None
-    """JSON file of the fitted latency model: loaded if it exists, was measured in this context (model, dtype,
-    threads, device, torch, backend, machine) and is sane, else profiled at start-up and written."""
-    min_finetune_share: float = 0.05
-    """The co-serving policy's floor: this fraction of each iteration's token budget (at least one backward layer)
-    goes to finetuning while a job has work, even when the TPOT SLO cannot be met; 0 puts the SLO first."""
-
-    def __post_init__(self) -> None:
-        if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
-            raise ValueError("give kv_cache_tokens or kv_cache_bytes, not both")
-        if self.kv_cache_tokens is None and self.kv_cache_bytes is None:
-            self.kv_cache_tokens = 16384
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if not 0 <= self.min_finetune_share <= 1:
-            raise ValueError(f"min_finetune_share must be a fraction in [0, 1], got {self.min_finetune_share}")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` (the current CUDA device when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but torch sees no CUDA device here; use 'cpu' or 'auto'")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-@dataclasses.dataclass(kw_only=True)
-class GenerationResult:
-    """One finished request."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    """Generated tokens (EOS / the stop token included when it ended the request)."""
-    text: str
-    """Decoded generated text (cut before a stop string); '' without a tokenizer."""
-    finish_reason: str
-    """``stop`` (EOS, stop token or string), ``length`` (max_new_tokens or context), ``abort`` or ``error``."""
-    ttft: float
-    """Time to first token in seconds, from submission (queueing included)."""
-    tpot: float
-    """Time per output token after the first, in seconds (0 for a single token)."""
-    adapter: Optional[str] = None
-    num_preemptions: int = 0
-    error: Optional[str] = None
-    """Why the request was refused (then token_ids is empty)."""
-
-
-@dataclasses.dataclass(kw_only=True)
-class TokenEvent:
-    """A token produced for a request by one step."""
-
-    request_id: str
-    token_id: int
-    finished: bool
-    finish_reason: Optional[str] = None
-
-
-@dataclasses.dataclass
-class _Tracked:
-    req: Request
-    submitted: float
-    stop_strings: tuple[str, ...]
-    token_times: list[float] = dataclasses.field(default_factory=list)
-    finish_reason: Optional[str] = None
-    text_cut: Optional[int] = None
-
-
 class Engine:
     """Continuous-batching inference over a compiled model with many resident LoRA adapters."""
+
+    profile_lazily = True
+    """Whether a default-chosen co-serving policy profiles its latency model at the first ``finetune()`` (a
+    tensor-parallel engine profiles at start-up: every rank must time the same batches together)."""
+    stall_limit = 64
+    """Iterations in a row without any scheduled work (while work is left) before :meth:`step` gives up."""
 
     def __init__(self, compiled: "CompiledModel", model: nn.Module, *, tokenizer: Any = None,
                  config: Optional[EngineConfig] = None, policy: Union[None, str, SchedulingPolicy] = None,
                  runner: Optional["RegionRunner"] = None):
         """``policy``: a scheduling policy or its name (``coserve``, ``temporal``, ``inference_only``,
-        ``finetune_only``); ``runner`` runs the regions (default: the whole ``model`` in this process; a
+        ``finetune_only``; default ``coserve`` with LoRA, decode-first inference without); ``runner`` runs the regions (default: the whole ``model`` in this process; a
         ``TPRegionRunner`` for one rank of a tensor-parallel group, whose KV heads and adapter shards this
         engine then holds)."""
         self.config = config or EngineConfig()
@@ -184,9 +88,13 @@ class Engine:
         self.executor = Executor(compiled, model, kv_spec=kv_spec, num_blocks=num_blocks, adapters=self.adapters,
                                  runner=runner, backend=self.config.backend)
         self.eos_token_ids = self._eos_ids(model)
+        chosen = policy is not None
+        if policy is None and compiled.lora is not None:
+            policy = "coserve"
         self._init_loop(KVCacheManager(num_blocks, kv_spec.block_size),
                         LatencyModel(len(compiled.graph.layer_regions)), policy)
-        if getattr(self.scheduler.policy, "latency", None) is self.latency and compiled.lora is not None:
+        # NOTE: a co-serving policy picked by default profiles at the first finetune(): serving alone starts fast
+        if self._needs_latency_fit() and (chosen or not self.profile_lazily):
             self.fit_latency_model()
         logger.info("engine ready: %d KV blocks of %d tokens (%.1f MiB), token budget %d", num_blocks,
                     kv_spec.block_size, num_blocks * kv_spec.bytes_per_block / 2**20, self.config.token_budget)
@@ -205,8 +113,11 @@ class Engine:
                                                    max_num_seqs=self.config.max_num_seqs,
                                                    max_model_len=self.max_model_len), kv, policy)
         self.clock = clock or time.perf_counter
-        self._tracked: dict[str, _Tracked] = {}
-        self._ids = itertools.count()
+        self.requests = RequestTracker(tokenizer=self.tokenizer, vocab_size=self.vocab_size,
+                                       max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
+                                       clock=self.clock)
+        self._stalled = 0
+        self._latency_fitted = False
         self.finetune_queue = FinetuneQueue()
         self.scheduler.finetune = self.finetune_queue
         self.recorder = MetricsRecorder(self.config.tpot_slo, self.config.ttft_slo, clock=clock)
@@ -235,67 +146,31 @@ class Engine:
         self.adapters.load_tensors(name, state)
 
     # ------------------------------------------------------------------ requests
-    def _tokenize(self, prompt: Prompt, chat: bool, rid: str) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"request {rid}: a text prompt needs a tokenizer and this model has none; "
-                                 "pass token ids")
-            if chat:
-                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                         add_generation_prompt=True, tokenize=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            else:
-                ids = self.tokenizer.encode(prompt) if prompt else []
-            return [int(t) for t in ids]
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
-            raise ValueError(f"request {rid}: prompt must be a string or a list of token ids, "
-                             f"got {type(prompt).__name__}")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"request {rid}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        return list(prompt)
-
     def submit(self, prompt: Prompt, *, max_new_tokens: int = 16, adapter: Optional[str] = None,
                temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
-               stop: Union[None, str, int, Sequence[Union[str, int]]] = None, chat: bool = False,
-               ignore_eos: bool = False, request_id: Optional[str] = None) -> str:
+               stop: Stop = None, chat: bool = False, ignore_eos: bool = False,
+               request_id: Optional[str] = None) -> str:
         """Queue one request and return its id; raises ``ValueError`` naming what is wrong with it.
 
         ``stop``: strings end the request when the text contains them (cut from ``text``), ints are stop token
         ids. ``chat`` wraps a text prompt in the tokenizer's chat template.
         """
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-            raise ValueError(f"request {rid}: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if adapter is not None:
             self.adapters.get(adapter)                    # ValueError naming the loaded adapters
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-        ids = self._tokenize(prompt, chat, rid)
-        if not ids:
-            raise ValueError(f"request {rid}: the prompt is empty; give at least one token")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"request {rid}: the prompt has {len(ids)} tokens; the model's context is "
-                             f"{self.max_model_len}, so prompts may have at most {self.max_model_len - 1}")
-        stops = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
-        bad = [s for s in stops if not isinstance(s, (str, int)) or s == ""]
-        if bad:
-            raise ValueError(f"request {rid}: stop entries must be non-empty strings or token ids, got {bad[0]!r}")
-        stop_ids = frozenset(s for s in stops if isinstance(s, int)) | (frozenset() if ignore_eos
-                                                                          else self.eos_token_ids)
-        req = Request(req_id=rid, prompt_token_ids=ids, max_new_tokens=max_new_tokens, adapter_id=adapter,
-                      sampling=sampling, stop_token_ids=stop_ids)
+        req, stop_strings = self.requests.new_request(
+            prompt, max_new_tokens=max_new_tokens, adapter=adapter, stop=stop, chat=chat, ignore_eos=ignore_eos,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed), request_id=request_id)
         self.scheduler.add_request(req)
-        self._tracked[rid] = _Tracked(req=req, submitted=self.clock(),
-                                      stop_strings=tuple(s for s in stops if isinstance(s, str)))
+        self.requests.track(req, stop_strings)
+        rid = req.req_id
         return rid
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
-        t = self._tracked.get(request_id)
-        if t is not None and t.finish_reason is None:
-            t.finish_reason = "abort"
+        if request_id in self.requests:
+            t = self.requests.get(request_id)
+            if t.finish_reason is None:
+                t.finish_reason = "abort"
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -309,10 +184,11 @@ class Engine:
         t0 = self.clock()
         batch = self.scheduler.schedule()
         if batch.empty:
-            if self.scheduler.has_unfinished_requests():
-                raise RuntimeError("no request could be scheduled although some are unfinished "
-                                   f"({self.scheduler.num_waiting} waiting, {self.scheduler.num_running} running)")
+            self._stalled += 1
+            if self._stalled >= self.stall_limit:
+                raise RuntimeError(self._stall_message())
             return []
+        self._stalled = 0
         ft = self.finetune_queue.sequences      # NOTE: lengths before the bookkeeping drops finished sequences
         lengths = {sid: ft[sid].length if sid in ft else 0 for sid in batch.finetune_backward}
         result, ft_done = self._run_batch(batch)
@@ -322,18 +198,16 @@ class Engine:
         self._record(batch, lengths, t0, now - t0, len(updates), ft_done)
         events = []
         for u in updates:
-            t = self._tracked[u.req_id]
+            t = self.requests.get(u.req_id)
             t.token_times.append(now)
             status = u.status
-            if not u.finished and t.stop_strings and self._hit_stop_string(t):
+            if not u.finished and self.requests.hit_stop_string(t):
                 self.scheduler.finish_request(u.req_id, RequestStatus.FINISHED_STOPPED)
                 status = RequestStatus.FINISHED_STOPPED
             finished = status.finished
             if finished:
                 t.finish_reason = status.value
-                times = t.token_times
-                self.recorder.request_finished(times[0] - t.submitted,
-                                               (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0)
+                self.recorder.request_finished(t.ttft, t.tpot)
             events.append(TokenEvent(request_id=u.req_id, token_id=u.new_token_ids[-1], finished=finished,
                                      finish_reason=t.finish_reason))
         return events
@@ -386,9 +260,14 @@ class Engine:
                                 predicted_inference_s=inference, profiled_s=profiled)
 
     # ------------------------------------------------------------------ finetuning
+    def _needs_latency_fit(self) -> bool:
+        """Whether the policy plans with this engine's latency model (and there is LoRA to finetune)."""
+        return getattr(self.scheduler.policy, "latency", None) is self.latency and self.compiled.lora is not None
+
     def fit_latency_model(self) -> LatencyModel:
         """Load the latency model from ``config.latency_profile`` if it was measured in this context and is sane,
         else profile it now (and save it there); see :func:`~flexc.runtime.profiling.load_or_profile`."""
+        self._latency_fitted = True
         param = next(self.model.parameters())
         context = profile_context(self.compiled, dtype=param.dtype, device=param.device, backend=self.config.backend)
         load_or_profile(self.latency, self.config.latency_profile, context, flop_costs(self.compiled, param.device),
@@ -409,9 +288,14 @@ class Engine:
         weight_decay, shuffle, checkpoint_every, max_nonfinite, ...)."""
         if self.compiled.lora is None:
             raise ValueError("this engine was compiled without LoRA; pass max_lora_rank= or lora= to from_pretrained")
+        if not _runs_finetuning(self.scheduler.policy):
+            raise ValueError(f"the scheduling policy {_policy_name(self.scheduler.policy)!r} never runs finetuning; "
+                             "build the engine with policy='coserve', 'temporal' or 'finetune_only'")
         cfg = FinetuneConfig(optimizer=optimizer, lr=lr, steps=steps, epochs=epochs, grad_accum=grad_accum, seed=seed,
                              checkpoint_dir=checkpoint_dir, **options)
         data = load_jsonl(dataset, self.tokenizer, self.max_model_len) if isinstance(dataset, str) else list(dataset)
+        if self._needs_latency_fit() and not self._latency_fitted:     # NOTE: after the data checks: it takes seconds
+            self.fit_latency_model()
         if adapter not in self.adapters:
             if init_adapter is not None:
                 self.load_adapter(adapter, init_adapter)
@@ -449,32 +333,51 @@ class Engine:
         """Requests unfinished, or finetuning left that the policy will run."""
         if self.scheduler.has_unfinished_requests():
             return True
-        return self.finetune_queue.has_work and not isinstance(self.scheduler.policy, InferenceOnlyPolicy)
+        return self.finetune_queue.has_work and _runs_finetuning(self.scheduler.policy)
 
-    def run_until_idle(self) -> None:
-        """Step until every request and every finetuning job (that the policy runs) has finished."""
-        while self.has_work():
-            self.step()
+    def _stall_message(self) -> str:
+        sched, pol = self.scheduler, _policy_name(self.scheduler.policy)
+        stuck = []
+        if sched.has_unfinished_requests():
+            stuck.append(f"{sched.num_waiting} requests waiting and {sched.num_running} running "
+                         f"({self.kv.num_free_blocks} free KV blocks)")
+        act = self.finetune_queue.active()
+        if act is not None:
+            job, fs = act
+            stuck.append(f"finetuning job {job.job_id} (adapter {job.adapter_name!r}, step {job.step} of "
+                         f"{job.total_steps}, sequence {fs.seq_id} at token {fs.forward_pos} of {fs.length})")
+        return (f"no progress in {self._stalled} iterations: the scheduling policy {pol!r} scheduled nothing for "
+                f"{' and '.join(stuck) or 'the work left'}")
+
+    def run_until_idle(self, *, progress: Optional[bool] = None) -> None:
+        """Step until every request and every finetuning job (that the policy runs) has finished.
+
+        ``progress``: a progress bar on stderr (requests finished and optimizer steps taken, with the loss);
+        default: shown when stderr is a terminal and the call takes more than two seconds."""
+        jobs = [j for j in self.finetune_queue.jobs if not j.finished] if _runs_finetuning(self.scheduler.policy) \
+            else []
+        reqs = self.scheduler.num_waiting + self.scheduler.num_running
+        total = reqs + sum(j.total_steps - j.step for j in jobs)
+        with tqdm(total=total, disable=None if progress is None else not progress, delay=0 if progress else 2,
+                  unit="step" if jobs else "req", desc="co-serving" if jobs and reqs else
+                  "finetuning" if jobs else "serving", leave=bool(progress)) as bar:
+            steps = sum(j.step for j in jobs)
+            while self.has_work():
+                finished = sum(1 for ev in self.step() if ev.finished)
+                now = sum(j.step for j in jobs)
+                losses = [j.loss_history[-1] for j in jobs if j.loss_history]
+                if losses:
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+                bar.update(finished + now - steps)
+                steps = now
 
     def metrics(self, with_history: bool = True) -> EngineMetrics:
         """SLO attainment, TTFT/TPOT percentiles, inference and finetuning tokens/s, per-iteration history."""
         return self.recorder.summary(with_history)
 
-    def _hit_stop_string(self, t: _Tracked) -> bool:
-        if self.tokenizer is None:
-            return False
-        text = self.tokenizer.decode(t.req.output_token_ids, skip_special_tokens=True)
-        cuts = [text.find(s) for s in t.stop_strings if s in text]
-        if cuts:
-            t.text_cut = min(cuts)
-            return True
-        return False
-
     def stream(self, request_id: str) -> Iterator[TokenEvent]:
         """Yield ``request_id``'s tokens as they are produced, stepping the engine (all requests advance)."""
-        t = self._tracked.get(request_id)
-        if t is None:
-            raise ValueError(f"unknown request id {request_id!r}")
+        t = self.requests.get(request_id)
         sent = 0
         while True:
             out = t.req.output_token_ids
@@ -487,36 +390,28 @@ class Engine:
                 return
             self.step()
 
-    def result(self, request_id: str) -> GenerationResult:
-        """The finished request's tokens, text and timings (drops its record)."""
-        t = self._tracked.get(request_id)
-        if t is None:
-            raise ValueError(f"unknown request id {request_id!r}")
-        if t.finish_reason is None:
-            raise ValueError(f"request {request_id} has not finished")
-        del self._tracked[request_id]
-        toks = list(t.req.output_token_ids)
-        text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            if t.text_cut is not None:
-                text = text[:t.text_cut]
-        times = t.token_times
-        ttft = times[0] - t.submitted if times else 0.0
-        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
-        return GenerationResult(request_id=request_id, prompt_token_ids=list(t.req.prompt_token_ids),
-                                token_ids=toks, text=text, finish_reason=t.finish_reason, ttft=ttft, tpot=tpot,
-                                adapter=t.req.adapter_id, num_preemptions=t.req.num_preemptions)
+    def result(self, request_id: str, *, release: bool = False) -> GenerationResult:
+        """The finished request's tokens, text and timings; readable any number of times until released
+        (``release=True`` or :meth:`release`)."""
+        res = self.requests.result(request_id)
+        if release:
+            self.requests.release(request_id)
+        return res
+
+    def release(self, request_id: str) -> None:
+        """Forget a request's record (aborting it first if it is still running)."""
+        if request_id in self.requests and self.requests.get(request_id).finish_reason is None:
+            self.abort(request_id)
+        self.requests.release(request_id)
 
     def generate(self, prompts: Union[Prompt, Sequence[Prompt]], *, max_new_tokens: Union[int, Sequence[int]] = 16,
                  adapter: Union[None, str, Sequence[Optional[str]]] = None, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: Optional[int] = None,
-                 stop: Union[None, str, int, Sequence[Union[str, int]]] = None,
-                 chat: bool = False, ignore_eos: bool = False) -> list[GenerationResult]:
+                 top_p: float = 1.0, seed: Optional[int] = None, stop: Stop = None, chat: bool = False,
+                 ignore_eos: bool = False) -> list[GenerationResult]:
         """Run ``prompts`` (one or a list) to completion, all batched together; results in prompt order.
 
-        ``max_new_tokens`` and ``adapter`` may be per prompt (lists). A refused request gets a result with
-        ``finish_reason='error'`` and ``error`` set; the others complete.
+        ``max_new_tokens`` and ``adapter`` may be per prompt (lists). An invalid request raises ``ValueError`` as
+        :meth:`submit` does (``prompt i: ...``), before any runs.
         """
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                               and isinstance(prompts[0], int))
@@ -526,25 +421,27 @@ class Engine:
         ads = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
         if len(news) != n or len(ads) != n:
             raise ValueError(f"got {n} prompts but {len(news)} max_new_tokens and {len(ads)} adapters")
-        ids: list[Optional[str]] = []
-        errors: dict[int, str] = {}
-        for i, (p, m, a) in enumerate(zip(plist, news, ads)):
-            try:
-                ids.append(self.submit(p, max_new_tokens=m, adapter=a, temperature=temperature, top_p=top_p,
-                                       seed=None if seed is None else seed + i, stop=stop, chat=chat,
-                                       ignore_eos=ignore_eos))
-            except ValueError as e:
-                ids.append(None)
-                errors[i] = str(e)
-        pending = {r for r in ids if r is not None}
-        while any(self._tracked[r].finish_reason is None for r in pending):
-            self.step()
-        out = []
-        for i, rid in enumerate(ids):
-            if rid is None:
-                out.append(GenerationResult(request_id=f"rejected-{i}", prompt_token_ids=[], token_ids=[], text="",
-                                            finish_reason="error", ttft=0.0, tpot=0.0, adapter=ads[i],
-                                            error=errors[i]))
-            else:
-                out.append(self.result(rid))
-        return out
+        ids: list[str] = []
+        try:
+            for i, (p, m, a) in enumerate(zip(plist, news, ads)):
+                try:
+                    ids.append(self.submit(p, max_new_tokens=m, adapter=a, temperature=temperature, top_p=top_p,
+                                           seed=None if seed is None else seed + i, stop=stop, chat=chat,
+                                           ignore_eos=ignore_eos))
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}" if n > 1 else str(e)) from None
+            while self.requests.unfinished(ids):
+                self.step()
+            return [self.result(rid) for rid in ids]
+        finally:
+            for rid in ids:
+                self.release(rid)
+
+
+def _runs_finetuning(policy: Any) -> bool:
+    """Whether a scheduling policy ever schedules finetuning work (policies say so with ``runs_finetuning``)."""
+    return getattr(policy, "runs_finetuning", True)
+
+
+def _policy_name(policy: Any) -> str:
+    return getattr(policy, "name", type(policy).__name__)

@@ -6,7 +6,8 @@ then as many finetuning tokens as the latency model predicts keep the
 iteration within the TPOT target: forward tokens of the active finetuning
 sequence while its forward is incomplete, else backward layers (a window
 top-down over the whole sequence). When no inference work is present the
-iteration still advances finetuning, so idle time is never wasted.
+iteration is a finetuning-only one (a full token budget of forward, or the whole backward, as
+``finetune_only`` runs), so idle time is never wasted.
 
 Finetuning never starves: ``min_finetune_share`` is a floor *by tokens*, held
 in every iteration whatever the latency model predicts (even when inference
@@ -123,7 +124,7 @@ class CoServePolicy:
     name = "coserve"
 
     def __init__(self, latency: LatencyModel, tpot_slo: float, headroom: float = 0.9,
-                 min_idle_tokens: int = 16, min_finetune_share: float = 0.05):
+                 min_finetune_share: float = 0.05):
         if tpot_slo <= 0:
             raise ValueError(f"tpot_slo must be positive seconds, got {tpot_slo}")
         if not 0 <= min_finetune_share <= 1:
@@ -133,7 +134,6 @@ class CoServePolicy:
         """Floor of finetuning tokens per iteration, as a fraction of the token budget (see the module docstring)."""
         self.budget_s = tpot_slo * headroom
         """Iteration time the policy fills up to (a margin below the TPOT SLO for prediction error)."""
-        self.min_idle_tokens = min_idle_tokens
         self._inference = DecodeFirstPolicy()
         self.bias = 1.0
         """Running mean of measured / predicted seconds over co-served iterations (inference and finetuning
@@ -173,14 +173,18 @@ class CoServePolicy:
             # NOTE: the chunk's attention (its tokens x the context it sees) grows with its position
             n = self.latency.max_fit(base, self.fill_s, lambda m: IterationWork(
                 ft_forward_tokens=m, attention_pairs=m * (start + m)), limit)
-            n = max(n, min(limit, self.min_idle_tokens if idle else 0), floor)
+            if idle:
+                n = limit          # NOTE: no request to protect: as much as finetune_only would run
+            n = max(n, floor)
             if n > 0:
                 _add_forward(sched, job, fs, n, seqs)
         elif fs.in_backward and not fs.done:
             left = fs.next_backward_layer + 1
             k = self.latency.max_units(base, self.fill_s,
                                        IterationWork(ft_backward_layer_tokens=fs.length, ft_backward_layers=1), left)
-            if idle or self.min_finetune_share > 0:
+            if idle:
+                k = left
+            elif self.min_finetune_share > 0:
                 k = max(k, 1)
             sched.schedule_finetune_backward(fs, min(k, left))
         return seqs

@@ -130,6 +130,10 @@ class SchedulingPolicy(Protocol):
 class DecodeFirstPolicy:
     """Decodes first, then chunked prefill of running requests, then FCFS admission (see the module docstring)."""
 
+    name = "decode_first"
+    runs_finetuning = False
+    """Inference only: the engine refuses finetuning jobs under this policy."""
+
     def schedule(self, sched: "Scheduler", budget: Optional[int] = None) -> list[ScheduledSequence]:
         """``budget``: tokens these sequences may take (default the whole token budget; a co-serving policy
         reserves some for finetuning)."""

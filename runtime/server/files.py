@@ -8,11 +8,11 @@ client's filename is kept as metadata only.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from typing import IO, Optional
 
+from flexc.runtime.dataset import FORMATS, check_line
 from flexc.runtime.server.errors import APIError, not_found
 from flexc.runtime.server.protocol import file_object, now
 from flexc.runtime.server.store import Store, new_id
@@ -22,13 +22,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["FileRegistry", "PURPOSES", "check_jsonl"]
 
 PURPOSES = ("fine-tune",)
-_FORMAT_KEYS = ("messages", "prompt", "completion", "text", "input_ids")
 _MAX_LINE = 1 << 22
 
 
 def check_jsonl(src: IO[bytes]) -> int:
-    """Check an uploaded JSONL stream line by line (UTF-8, JSON objects, a known format); the number of
-    examples. A 400 names the first bad line."""
+    """Check an uploaded JSONL stream line by line (UTF-8, JSON objects, a known format with the right
+    structure: ``runtime/dataset.py``'s checks without a tokenizer); the number of examples. A 400 names the
+    first bad line and what was expected."""
     n = 0
     for lineno, raw in enumerate(src, 1):
         if len(raw) > _MAX_LINE:
@@ -37,16 +37,18 @@ def check_jsonl(src: IO[bytes]) -> int:
         if not line:
             continue
         try:
-            obj = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise APIError(400, f"line {lineno}: not a UTF-8 JSON line ({e})", param="file",
+            text = line.decode("utf-8-sig")      # NOTE: a BOM before the first line is dropped
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"line {lineno}: not UTF-8 text (byte {e.start})", param="file",
                            code="invalid_file") from None
-        if not isinstance(obj, dict) or not any(k in obj for k in _FORMAT_KEYS):
-            raise APIError(400, f"line {lineno}: expected a JSON object with one of {list(_FORMAT_KEYS)}",
-                           param="file", code="invalid_file")
+        try:                                    # the same structural checks as a local dataset file
+            check_line(text, f"line {lineno}")
+        except ValueError as e:
+            raise APIError(400, str(e), param="file", code="invalid_file") from None
         n += 1
     if n == 0:
-        raise APIError(400, "the file has no examples", param="file", code="invalid_file")
+        raise APIError(400, f"the file has no examples; expected one JSON object per line: {FORMATS}", param="file",
+                       code="invalid_file")
     return n
 
 

@@ -183,7 +183,7 @@ class JobManager:
                     continue
                 path = self.files.path(fid)
                 try:
-                    seqs = load_jsonl(path, self.worker.validation_tokenizer, self.worker.max_model_len)
+                    seqs = load_jsonl(path, self.worker.validation_tokenizer, self.worker.max_model_len, param)
                 except ValueError as e:
                     raise APIError(400, str(e).replace(path, fid), param=param, code="invalid_file") from None
                 if len(seqs) > self.settings.finetune_max_sequences:

@@ -316,8 +316,7 @@ class EngineWorker:
         live = self._live.get(request_id)
         if live is None:
             return
-        self.engine.abort(request_id)
-        self.engine.result(request_id)                 # drops the engine's record
+        self.engine.release(request_id)                # aborts it and drops the engine's record
         self._finish(request_id, live, "abort")
 
     def _finish(self, request_id: str, live: _Live, reason: str) -> None:
@@ -342,7 +341,7 @@ class EngineWorker:
             live.last = now_t
             live.tokens.append(ev.token_id)
             if ev.finished:
-                res = self.engine.result(ev.request_id)
+                res = self.engine.result(ev.request_id, release=True)
                 rest = res.text[len(live.sent):] if res.text.startswith(live.sent) else ""
                 self._finish(ev.request_id, live, res.finish_reason)
                 live.sink(End(text=rest, finish_reason=res.finish_reason, prompt_tokens=live.prompt_tokens,

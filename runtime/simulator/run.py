@@ -201,7 +201,7 @@ class InstanceRun:
         for ev in events:
             if ev.finished and ev.request_id in self._open:
                 self._open.discard(ev.request_id)
-                res = eng.result(ev.request_id)
+                res = eng.result(ev.request_id, release=True)
                 self.ttfts.append(res.ttft)
                 self.tpots.append(res.tpot)
                 self.preemptions += res.num_preemptions

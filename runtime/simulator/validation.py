@@ -129,7 +129,7 @@ def run_real(engine: "Engine", load: ValidationLoad, *, duration: float, tpot_sl
             end = time.perf_counter() - t0
             generated += end <= duration
             if ev.finished and ev.request_id in arrival_at:
-                res = engine.result(ev.request_id)
+                res = engine.result(ev.request_id, release=True)
                 # NOTE: the engine's TTFT runs from submission; the load's from arrival
                 ttfts.append(res.ttft + submitted_at[ev.request_id] - arrival_at.pop(ev.request_id))
                 tpots.append(res.tpot)

@@ -91,3 +91,57 @@ def test_bad_recompute_budget_is_one_line(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Every way the commands build or load a model raises: a test using this proves its error came first."""
+    import flexc.engine
+    import flexc.main_job
+    import flexc.models
+    import flexc.runtime.server.app
+
+    def boom(*a, **k):
+        raise AssertionError("a model was built or resolved before the inputs were checked")
+    for target, name in ((flexc.models, "resolve_model"), (flexc.main_job, "_build_engine"),
+                         (flexc.engine.Engine, "from_pretrained"), (flexc.runtime.server.app, "serve")):
+        monkeypatch.setattr(target, name, boom)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--data", "{tmp}/nope.jsonl"], "--data: no such file: {tmp}/nope.jsonl"),
+    (["run", "--data", "{tmp}"], "--data: {tmp} is a directory, not a file"),
+    (["run", "--data", "{empty}"], "--data: {empty} has no examples (the file is empty); expected one JSON object"),
+    (["run", "--data", "{broken}"], "--data: {broken}:2: not valid JSON at character 9, '\"oops\"}}': Expecting ':' "
+                                    "delimiter; expected one JSON object per line: {{\"messages\""),
+    (["run", "--data", "{eval}"], "--data: {eval}:1: unknown example format with keys ['keyword', 'question']; "
+                                  "expected {{\"messages\""),
+    (["run", "--eval", "{tmp}/nope.jsonl"], "--eval: no such file: {tmp}/nope.jsonl"),
+    (["run", "--eval", "{empty}"], "--eval: {empty} has no questions (the file is empty)"),
+    (["run", "--eval", "{broken}"], "--eval: {broken}:1: expected {{\"question\": str, \"keyword\": str}}, got an "
+                                    "object with keys ['text']"),
+    (["run", "--out-dir", "{empty}"], "--out-dir: {empty} exists and is not a directory"),
+    (["run", "--slo-target", "90"], "--slo-target must be a fraction in [0, 1], got 90.0"),
+    (["inspect", "{tmp}/nope.json"], "plan: no such file: {tmp}/nope.json"),
+    (["inspect", "{tmp}"], "plan: {tmp} is a directory, not a file"),
+    (["serve", "--lora-modules", "math={tmp}/none"], "--lora-modules math={tmp}/none: not a directory"),
+    (["serve", "--lora-modules", "math={tmp}"], "--lora-modules math={tmp}: not a PEFT adapter directory "
+                                                "(no adapter_config.json)"),
+    (["serve", "--data-dir", "{empty}"], "--data-dir: {empty} exists and is not a directory"),
+    (["compile", "--pass", "nosuch_module:fn"], "--pass 'nosuch_module:fn': cannot import module 'nosuch_module'"),
+])
+def test_inputs_are_checked_before_any_model(tmp_path, capsys, no_model, args, needle):
+    """A missing, empty or malformed input file (or directory) of run, inspect, serve and compile ends with exit
+    status 2 and one line naming the option, the path (file:line for a bad line) and what was expected, before
+    any model is resolved or built (the fixture makes that raise)."""
+    paths = {"tmp": str(tmp_path), "empty": str(tmp_path / "empty.jsonl"), "broken": str(tmp_path / "broken.jsonl"),
+             "eval": str(tmp_path / "eval.jsonl")}
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text" "oops"}\n')
+    (tmp_path / "eval.jsonl").write_text('{"question": "q?", "keyword": "k"}\n')
+    args = [a.format(**paths) for a in args]
+    assert main([*args, *(["--data-dir", str(tmp_path / "d")] if args[0] == "serve" and "--data-dir" not in args
+                          else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"flexc {args[0]}: error: " + needle.format(**paths)), err

@@ -91,7 +91,7 @@ class _FakeEngine:
                 out.append(_Ev(rid, True))
         return out
 
-    def result(self, rid):
+    def result(self, rid, release=False):
         return argparse.Namespace(request_id=rid, ttft=0.01, tpot=0.01)
 
     def abort(self, rid):

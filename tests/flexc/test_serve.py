@@ -24,7 +24,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, needle):
 
 
 def test_unknown_model_fails_the_build_with_one_line(tmp_path, capsys):
-    """A model that cannot be built is reported by the engine thread as one line, exit status 2."""
+    """A model that cannot be resolved is refused with one line, exit status 2, before the server starts."""
     assert main(["serve", "llama-9b", "--data-dir", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown model 'llama-9b'" in err[0]

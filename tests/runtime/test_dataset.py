@@ -4,7 +4,7 @@ import json
 import pytest
 
 from flexc.models import load_tokenizer, resolve_model
-from flexc.runtime.dataset import IGNORE, load_jsonl
+from flexc.runtime.dataset import IGNORE, check_example, check_jsonl, load_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def test_prompt_completion_and_text(tok, tmp_path):
 
 
 @pytest.mark.parametrize("rows,needle", [
-    ([], "is empty"),
-    (['{"text": "all is fine here"}', "{broken"], "d.jsonl:2: malformed JSON"),
+    ([], "has no examples"),
+    (['{"text": "all is fine here"}', "{broken"], "d.jsonl:2: not valid JSON"),
     ([{"foo": 1}], "d.jsonl:1: unknown example format"),
     ([{"messages": [{"role": "user", "content": "x"}]}], "d.jsonl:1: 'messages' has no assistant turn"),
     ([{"text": "word " * 100}], "d.jsonl:1: sequence of"),
@@ -53,6 +53,57 @@ def test_bad_datasets_name_file_and_line(tok, tmp_path, rows, needle):
 
 
 def test_missing_file(tmp_path):
-    """A dataset path that does not exist is a ValueError naming it."""
-    with pytest.raises(ValueError, match="cannot read dataset .*nope.jsonl"):
+    """A dataset path that does not exist, or is a directory, is a ValueError naming what it is and the path."""
+    with pytest.raises(ValueError, match="^dataset: no such file: .*nope.jsonl$"):
         load_jsonl(str(tmp_path / "nope.jsonl"), None, 32)
+    with pytest.raises(ValueError, match="^--data: no such file: .*nope.jsonl$"):
+        check_jsonl(str(tmp_path / "nope.jsonl"), "--data")
+    with pytest.raises(ValueError, match="^--data: .* is a directory, not a file$"):
+        check_jsonl(str(tmp_path), "--data")
+
+
+def test_check_jsonl_without_tokenizer(tmp_path):
+    """check_jsonl counts the examples of all four formats (blank lines and a BOM skipped) with no tokenizer."""
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            {"prompt": "p", "completion": "c"}, {"text": "t"}, "", {"input_ids": [1, 2, 3]}]
+    p = tmp_path / "ok.jsonl"
+    p.write_text("\ufeff" + "\n".join(json.dumps(r) if r else "  " for r in rows) + "\n", encoding="utf-8")
+    assert check_jsonl(str(p)) == 4
+
+
+@pytest.mark.parametrize("rows,needle", [
+    (['{"text": "fine"}', '{"text": "a" "b"}'], "d.jsonl:2: not valid JSON at character 14, '\"b\"}': "
+                                                "Expecting ',' delimiter"),
+    (["{", '  "text": "spread over lines"', "}"], "d.jsonl:1: not valid JSON at character 2, the end of the line: .*JSON spread over several lines"),
+    (['[{"text": "a"}]'], "d.jsonl:1: expected a JSON object, got a JSON array"),
+    ([{"prompt": "p"}], "d.jsonl:1: 'prompt' and 'completion' must both be strings"),
+    ([{"messages": [{"role": "user"}]}], r"d.jsonl:1: messages\[0\] must be an object with string 'role' and"),
+    ([{"input_ids": [5, -1]}], "d.jsonl:1: 'input_ids' must be a list of non-negative integers"),
+    ([{"input_ids": [5]}], "d.jsonl:1: 'input_ids' needs at least 2 tokens"),
+    (["", "   "], r"^dataset: .*d.jsonl has no examples \(the file is empty\)"),
+])
+def test_check_jsonl_names_line_and_expected_format(tmp_path, rows, needle):
+    """A bad line is a ValueError naming file:line, where the JSON broke (with the text there) or what is wrong
+    with the example; unknown formats and bad JSON also list the accepted formats."""
+    with pytest.raises(ValueError, match=needle) as e:
+        check_jsonl(_write(tmp_path, rows))
+    if "not valid JSON" in needle or "array" in needle:
+        for fmt in ('"messages"', '"prompt"', '"completion"', '"text"', '"input_ids"'):
+            assert fmt in str(e.value)
+
+
+def test_readme_examples_are_accepted(tok, tmp_path):
+    """The README's 'Dataset formats' examples (its jsonl block) are one example per format, each accepted by
+    check_jsonl and tokenized by load_jsonl with at least one target."""
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Dataset formats"):]
+    block = re.search(r"^```jsonl\n(.*?)^```", section, re.S | re.M).group(1)
+    path = tmp_path / "readme.jsonl"
+    path.write_text(block)
+    assert check_jsonl(str(path)) == 4
+    seqs = load_jsonl(str(path), tok, 512)
+    assert sorted(check_example(json.loads(line)) for line in block.splitlines()) == \
+        ["input_ids", "messages", "prompt", "text"]
+    assert all(s.num_loss_tokens > 0 for s in seqs)

@@ -178,25 +178,42 @@ def test_adapter_mismatch_and_capacity_errors(lora_setup, tmp_path):
         engine.load_adapter("b", str(tmp_path))
 
 
-def test_bad_requests_fail_alone(lora_setup):
-    """Empty prompt, prompt as long as the context, unknown adapter and max_new_tokens <= 0 each get a clear
-    error while the other requests in the same call complete."""
+def test_bad_requests_raise_and_queue_nothing(lora_setup):
+    """Empty prompt, prompt as long as the context, unknown adapter and max_new_tokens <= 0 raise ValueError from
+    generate as from submit, naming the prompt; nothing stays queued and the next call serves normally."""
     d, a, b, engine = lora_setup
     good = _prompts([6, 9], seed=4)
-    prompts = [good[0], [], [5] * 512, good[1], good[0], good[1]]
-    res = engine.generate(prompts, max_new_tokens=[4, 4, 4, 4, 4, 0], adapter=[None, None, None, "a", "zzz", None])
-    assert [r.finish_reason == "error" for r in res] == [False, True, True, False, True, True]
-    assert "prompt is empty" in res[1].error
-    assert "prompt has 512 tokens; the model's context is 512" in res[2].error
-    assert "unknown adapter 'zzz'" in res[4].error and "'a'" in res[4].error
-    assert "max_new_tokens must be a positive integer, got 0" in res[5].error
-    assert len(res[0].token_ids) == 4 or res[0].finish_reason == "stop"
+    cases = [([good[0], []], {}, "prompt 1: .*prompt is empty"),
+             ([good[0], [5] * 512], {}, "prompt 1: .*prompt has 512 tokens; the model's context is 512"),
+             ([good[0], good[1]], dict(adapter=[None, "zzz"]), "unknown adapter 'zzz'.*'a'"),
+             ([good[0], good[1]], dict(max_new_tokens=[4, 0]), "prompt 1: .*max_new_tokens must be a positive "
+                                                                "integer, got 0")]
+    for prompts, kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            engine.generate(prompts, **kw)
+        assert not engine.has_unfinished_requests()
+    res = engine.generate(good, max_new_tokens=4)
+    assert all(r.error is None and 0 < len(r.token_ids) <= 4 for r in res)
     for kw in (dict(max_new_tokens=-1), dict(adapter="nope"), dict(temperature=-1.0), dict(top_p=0.0)):
         with pytest.raises(ValueError):
             engine.submit(good[0], **kw)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.submit([1, 999])
     assert not engine.has_unfinished_requests()
+
+
+def test_result_is_readable_until_released(lora_setup):
+    """result() gives the same answer on every call until release(); then the id is unknown."""
+    d, a, b, engine = lora_setup
+    rid = engine.submit(_prompts([7], seed=9)[0], max_new_tokens=3)
+    with pytest.raises(ValueError, match="has not finished"):
+        engine.result(rid)
+    engine.run_until_idle()
+    first, again = engine.result(rid), engine.result(rid)
+    assert first == again and len(first.token_ids) >= 1
+    engine.release(rid)
+    with pytest.raises(ValueError, match="unknown request id"):
+        engine.result(rid)
 
 
 def test_streaming_matches_generate(lora_setup):
@@ -244,3 +261,67 @@ def test_fresh_adapters_and_folded_alpha(lora_setup, tmp_path):
     assert fresh == base and noisy != base
     ref = PeftModel.from_pretrained(_ref_model(d), alpha16).eval()
     assert a16 == hf_greedy(ref, p, 8, ref.generation_config.eos_token_id)
+
+
+def _training_data(n, seed=0):
+    from flexc.runtime.dataset import TrainingSequence
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 256, (12,), generator=g).tolist()
+        out.append(TrainingSequence(tuple(ids), tuple(ids[1:]) + (-100,)))
+    return out
+
+
+def test_lora_engine_without_policy_finetunes_to_the_end(lora_setup):
+    """An engine with LoRA and no policy= co-serves by default: a queued job runs to completion in
+    run_until_idle (which once looped forever under an inference-only default)."""
+    engine = Engine(lora_setup[3].compiled, lora_setup[3].model, tokenizer=None,
+                    config=EngineConfig(kv_cache_tokens=2048, token_budget=32, block_size=4, max_adapters=2))
+    assert engine.scheduler.policy.name == "coserve"
+    job = engine.finetune(_training_data(2), adapter="ft", optimizer="sgd", lr=0.1, seed=0)
+    engine.submit([5, 6, 7], max_new_tokens=3, ignore_eos=True)
+    engine.run_until_idle(progress=False)
+    assert job.status == "completed" and job.step == 2 and not engine.has_work()
+
+
+def test_finetune_checks_the_dataset_before_profiling(lora_setup, tmp_path, monkeypatch):
+    """finetune(path) with a missing or malformed file raises the loader's ValueError (naming the path, or
+    file:line) before the latency profiling a first finetune starts (made to raise here)."""
+    engine = Engine(lora_setup[3].compiled, lora_setup[3].model, tokenizer=None,
+                    config=EngineConfig(kv_cache_tokens=512, token_budget=32, block_size=4, max_adapters=2))
+    assert engine._needs_latency_fit()
+
+    def boom():
+        raise AssertionError("profiled before the dataset was checked")
+    monkeypatch.setattr(engine, "fit_latency_model", boom)
+    with pytest.raises(ValueError, match="^dataset: no such file: .*nope.jsonl$"):
+        engine.finetune(str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, 2}\n')
+    with pytest.raises(ValueError, match="^dataset: .*bad.jsonl:2: not valid JSON at character 20"):
+        engine.finetune(str(bad))
+
+
+def test_finetune_refused_or_stalled_loop_named(lora_setup):
+    """finetune() under a policy that never finetunes is refused naming it; a policy that schedules nothing at
+    all makes step() raise a no-progress error naming the stuck work instead of spinning."""
+    cm, model = lora_setup[3].compiled, lora_setup[3].model
+    cfg = EngineConfig(kv_cache_tokens=512, token_budget=32, block_size=4, max_adapters=2)
+    engine = Engine(cm, model, config=cfg, policy="inference_only")
+    with pytest.raises(ValueError, match="policy 'inference_only' never runs finetuning"):
+        engine.finetune(_training_data(1), adapter="ft")
+
+    class Idle:
+        name = "idle"
+
+        def schedule(self, sched):
+            return []
+
+    engine = Engine(cm, model, config=cfg, policy=Idle())
+    job = engine.finetune(_training_data(1), adapter="ft", optimizer="sgd", lr=0.1)
+    engine.submit([5, 6, 7], max_new_tokens=3)
+    with pytest.raises(RuntimeError, match=r"no progress in 64 iterations: the scheduling policy 'idle' scheduled "
+                                           r"nothing for 1 requests waiting.*finetuning job job-0 \(adapter 'ft'"):
+        engine.run_until_idle()
+    assert job.step == 0

@@ -1,0 +1,217 @@
+"""Whether ``flexc run`` did what it set out to do, and if not, the likely cause.
+
+The main job co-serves a request load and trains an adapter. It falls short
+when the share of requests that met their SLOs (TTFT and TPOT) is below a
+target, when few of the submitted requests finished, or when finetuning made no
+progress (no optimizer step, or the loss did not fall). :func:`judge` turns what
+the run measured (:class:`RunFacts`) into a :class:`Verdict`: the problems, in
+words, and the causes the numbers point at:
+
+* a busy machine: the 1-minute load average (``os.getloadavg``) at the start,
+  before this job ran anything, or at the end less this job's own threads, is
+  at least half the cores;
+* iterations slower than profiled: the measured iteration times add up to at
+  least ``slow_factor`` times what the latency model fitted at start-up
+  predicted for the same work (a profile taken on a quiet machine and a run on
+  a busy one, or the other way round).
+
+When none applies the verdict says the load is more than this machine serves
+within the SLOs. ``flexc run --strict`` exits 1 when the verdict is not ok.
+
+    >>> v = judge(RunFacts(submitted=10, finished=10, slo_met=10, ft_steps=5, losses=[2.0, 1.0]))
+    >>> v.ok
+    True
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = ["MachineLoad", "RunFacts", "Verdict", "ProfileWatch", "judge", "read_load", "exit_status"]
+
+BUSY_SHARE = 0.5
+"""Other processes' load (runnable tasks) at or above this share of the cores counts as a busy machine."""
+
+
+def read_load() -> Optional[float]:
+    """The 1-minute load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+@dataclasses.dataclass(kw_only=True)
+class MachineLoad:
+    """The machine's load around the run."""
+
+    cores: int
+    """CPU cores of the machine (``os.cpu_count()``)."""
+    start: Optional[float]
+    """1-minute load average before the job built or ran anything (None: not available)."""
+    end: Optional[float]
+    """1-minute load average when co-serving ended (this job's own threads included)."""
+    own_threads: int = 1
+    """Threads this job computes with (torch's intra-op threads)."""
+    busy_fraction: float = 1.0
+    """Share of the co-serving time the engine spent in iterations (its threads runnable)."""
+
+    @property
+    def others(self) -> Optional[float]:
+        """The load of other processes: the larger of the start reading and the end reading less this job's
+        own (threads x busy fraction); None if neither was read."""
+        readings = []
+        if self.start is not None:
+            readings.append(self.start)
+        if self.end is not None:
+            readings.append(max(self.end - self.own_threads * self.busy_fraction, 0.0))
+        return max(readings) if readings else None
+
+    @property
+    def busy(self) -> bool:
+        others = self.others
+        return others is not None and others >= BUSY_SHARE * max(self.cores, 1)
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunFacts:
+    """What one run measured (only counts and times; no engine)."""
+
+    submitted: int
+    """Requests submitted during co-serving."""
+    finished: int
+    """Requests that finished within it."""
+    slo_met: int
+    """Finished requests whose TTFT and TPOT met their SLOs."""
+    slo_target: float = 0.9
+    """Fraction of submitted requests that should finish within their SLOs (0-1)."""
+    ft_status: str = "running"
+    """The finetuning job's status at the end (queued, running, completed, failed)."""
+    ft_steps: int = 0
+    """Optimizer steps taken."""
+    ft_total_steps: int = 0
+    losses: Sequence[float] = ()
+    """Training loss per optimizer step, in order."""
+    ft_error: Optional[str] = None
+    """Why the job failed, if it did."""
+    load: Optional[MachineLoad] = None
+    observed_s: Optional[float] = None
+    """Measured seconds of the iterations compared with the profile (None: no comparison)."""
+    profiled_s: Optional[float] = None
+    """What the start-up latency profile predicted for the same iterations."""
+    iterations_compared: int = 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class Verdict:
+    """The run's shortfalls and their likely causes; ok when there are no problems."""
+
+    problems: list[str] = dataclasses.field(default_factory=list)
+    causes: list[str] = dataclasses.field(default_factory=list)
+    slowdown: Optional[float] = None
+    """Measured / profiled iteration time (None: not compared)."""
+    load_others: Optional[float] = None
+    """Other processes' 1-minute load average (see :class:`MachineLoad`)."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        """The summary's verdict lines."""
+        if self.ok:
+            return ["verdict     OK: SLO attainment at target and finetuning made progress"]
+        out = ["verdict     NOT OK: " + "; ".join(self.problems)]
+        out += [f"            likely cause: {c}" for c in self.causes]
+        return out
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, **dataclasses.asdict(self)}
+
+
+def judge(facts: RunFacts, *, slow_factor: float = 1.25) -> Verdict:
+    """The verdict on ``facts``: problems when the SLO attainment (over submitted requests) is below target or
+    finetuning made no progress, and the causes the load and the iteration times point at."""
+    v = Verdict()
+    if facts.submitted:
+        attained = facts.slo_met / facts.submitted
+        if attained < facts.slo_target:
+            v.problems.append(f"{100 * attained:.0f}% of {facts.submitted} requests finished within their SLOs "
+                              f"({facts.finished} finished), target {100 * facts.slo_target:.0f}%")
+    no_steps = facts.ft_steps == 0
+    if facts.ft_status == "failed":
+        v.problems.append(f"the finetuning job failed ({facts.ft_error or 'no reason given'})")
+    elif no_steps:
+        v.problems.append(f"finetuning made no progress (step 0 of {facts.ft_total_steps})")
+    elif not _loss_fell(facts.losses):
+        v.problems.append(f"finetuning loss did not fall over {len(facts.losses)} steps "
+                          f"({_loss_span(facts.losses)})")
+    if facts.load is not None:
+        v.load_others = facts.load.others
+    if facts.observed_s is not None and facts.profiled_s:
+        v.slowdown = facts.observed_s / facts.profiled_s
+    if v.ok:
+        return v
+    if facts.load is not None and facts.load.busy:
+        v.causes.append(f"a busy machine: other processes kept a load average of {v.load_others:.1f} on "
+                        f"{facts.load.cores} cores (start {_fmt(facts.load.start)}, end {_fmt(facts.load.end)} "
+                        f"with this job's {facts.load.own_threads} threads)")
+    if v.slowdown is not None and v.slowdown >= slow_factor:
+        v.causes.append(f"iterations took {v.slowdown:.2f}x the time the start-up latency profile predicted "
+                        f"({facts.observed_s:.1f} s measured vs {facts.profiled_s:.1f} s over "
+                        f"{facts.iterations_compared} iterations): the machine was slower than when it was profiled")
+    if not v.causes:
+        slow = f"iterations matched the profile ({v.slowdown:.2f}x)" if v.slowdown is not None else \
+            "iteration times were not compared with the profile"
+        quiet = f"load of others {v.load_others:.1f} on {facts.load.cores} cores" if v.load_others is not None \
+            and facts.load is not None else "load average not available"
+        v.causes.append(f"none found in the machine ({quiet}; {slow}): the load or the SLOs ask more than this "
+                        "machine serves")
+    return v
+
+
+def _loss_fell(losses: Sequence[float]) -> bool:
+    """Whether the mean loss of the last quarter of the steps is below that of the first quarter (one step
+    cannot show a fall)."""
+    if len(losses) < 2:
+        return False
+    k = max(len(losses) // 4, 1)
+    return sum(losses[-k:]) / k < sum(losses[:k]) / k
+
+
+def _loss_span(losses: Sequence[float]) -> str:
+    return f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no loss recorded"
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
+
+
+def exit_status(verdict: Verdict, strict: bool) -> int:
+    """``flexc run``'s exit status: 1 under ``--strict`` when the verdict is not ok, else 0."""
+    return 1 if strict and not verdict.ok else 0
+
+
+class ProfileWatch:
+    """Measured iteration times against the start-up latency profile: a frozen copy of the engine's latency
+    model (which keeps refitting itself from what it observes) predicts each observed iteration's work."""
+
+    def __init__(self, model: Any):
+        self.profiled = copy.deepcopy(model)
+        self.observed_s = 0.0
+        self.profiled_s = 0.0
+        self.iterations = 0
+
+    def add(self, work: Any, seconds: float) -> None:
+        self.observed_s += seconds
+        self.profiled_s += self.profiled.predict(work)
+        self.iterations += 1
+
+    def wrap(self, observe: Callable[[Any, float], None]) -> Callable[[Any, float], None]:
+        """``observe`` that also records the iteration here."""
+        def watched(work: Any, seconds: float) -> None:
+            self.add(work, seconds)
+            observe(work, seconds)
+        return watched
