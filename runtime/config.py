@@ -35,7 +35,11 @@ class EngineConfig:
     ttft_slo: float = 5.0
     """Target seconds to the first token, queueing included (for SLO attainment)."""
     latency_profile: Optional[str] = None
-    """JSON file of the fitted latency model: loaded if it exists, else profiled at start-up and written."""
+    """JSON file of the fitted latency model: loaded if it exists, was measured in this context (model, dtype,
+    threads, device, torch, backend, machine) and is sane, else profiled at start-up and written."""
+    min_finetune_share: float = 0.05
+    """The co-serving policy's floor: this fraction of each iteration's token budget (at least one backward layer)
+    goes to finetuning while a job has work, even when the TPOT SLO cannot be met; 0 puts the SLO first."""
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
@@ -44,6 +48,8 @@ class EngineConfig:
             self.kv_cache_tokens = 16384
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not 0 <= self.min_finetune_share <= 1:
+            raise ValueError(f"min_finetune_share must be a fraction in [0, 1], got {self.min_finetune_share}")
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -36,9 +36,10 @@ from flexc.runtime.batch import ExecutorOutput, SamplingParams, SchedulerOutput,
 from flexc.runtime.checkpoint import save_peft_adapter
 from flexc.runtime.dataset import load_jsonl
 from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, FinetuneQueue
-from flexc.runtime.latency import LatencyModel, iteration_work
+from flexc.runtime.latency import LatencyModel, forward_work, iteration_work
+from flexc.runtime.latency_checks import flop_costs, profile_context
 from flexc.runtime.policies import make_policy
-from flexc.runtime.profiling import profile_latency
+from flexc.runtime.profiling import load_or_profile, profile_latency
 from flexc.runtime.metrics import EngineMetrics, MetricsRecorder
 from flexc.runtime.config import EngineConfig, resolve_device
 from flexc.runtime.executor import Executor, make_kv_spec
@@ -106,7 +107,8 @@ class Engine:
         self.kv = kv
         self.latency = latency
         if isinstance(policy, str):
-            policy = make_policy(policy, latency, self.config.tpot_slo)
+            policy = make_policy(policy, latency, self.config.tpot_slo,
+                                 min_finetune_share=self.config.min_finetune_share)
         self.scheduler = Scheduler(SchedulerConfig(token_budget=self.config.token_budget,
                                                    max_num_seqs=self.config.max_num_seqs,
                                                    max_model_len=self.max_model_len), kv, policy)
@@ -240,15 +242,22 @@ class Engine:
     def _record(self, batch, lengths: dict[str, int], t0: float, seconds: float, generated: int,
                 ft_done: int) -> None:
         work = iteration_work(batch, len(self.executor.runner.layers), lengths)
+        policy = self.scheduler.policy
+        model = getattr(policy, "latency", None) or self.latency        # the model the policy plans with
+        predicted = inference = profiled = None
+        if model.profiled is not None:          # NOTE: predictions before this iteration refines the model
+            predicted = model.predict(work)
+            inference = model.predict(forward_work([s for s in batch.seqs if s.kind is not SeqKind.FINETUNE]))
+            profiled = float(model.profiled @ work.features(model.num_layers))
         if seconds > 0 and (work.ft_backward_layer_tokens or batch.seqs):
             self.latency.observe(work, seconds)
-            policy = self.scheduler.policy
             if getattr(policy, "latency", None) is self.latency and hasattr(policy, "observe"):
                 policy.observe(work, seconds)       # NOTE: a policy with a model of its own (tests) stays fixed
         self.recorder.iteration(t0, seconds, decode_tokens=work.decode_tokens, prefill_tokens=work.prefill_tokens,
                                 ft_forward_tokens=work.ft_forward_tokens,
                                 ft_backward_layers=sum(batch.finetune_backward.values()),
-                                generated_tokens=generated, ft_tokens_done=ft_done)
+                                generated_tokens=generated, ft_tokens_done=ft_done, predicted_s=predicted,
+                                predicted_inference_s=inference, profiled_s=profiled)
 
     # ------------------------------------------------------------------ finetuning
     def _needs_latency_fit(self) -> bool:
@@ -256,25 +265,18 @@ class Engine:
         return getattr(self.scheduler.policy, "latency", None) is self.latency and self.compiled.lora is not None
 
     def fit_latency_model(self) -> LatencyModel:
-        """Load the latency model from ``config.latency_profile`` or profile it now (and save it there)."""
-        import os
-        path = self.config.latency_profile
+        """Load the latency model from ``config.latency_profile`` if it was measured in this context and is sane,
+        else profile it now (and save it there); see :func:`~flexc.runtime.profiling.load_or_profile`."""
         self._latency_fitted = True
-        if path and os.path.isfile(path):
-            try:
-                loaded = LatencyModel.load(path)
-            except ValueError as e:             # e.g. written by an older flexc with other features
-                logger.warning("%s; profiling again", e)
-            else:
-                self.latency.coef = loaded.coef
-                return self.latency
-        t0 = time.perf_counter()
-        samples = profile_latency(self.executor, self.kv, self.vocab_size, self.max_model_len)
-        self.latency.fit(samples)
-        logger.info("latency model profiled in %.1f s: %s", time.perf_counter() - t0, self.latency.to_dict())
-        if path:
-            self.latency.save(path)
+        param = next(self.model.parameters())
+        context = profile_context(self.compiled, dtype=param.dtype, device=param.device, backend=self.config.backend)
+        load_or_profile(self.latency, self.config.latency_profile, context, flop_costs(self.compiled, param.device),
+                        self._profile_latency)
         return self.latency
+
+    def _profile_latency(self) -> list:
+        """One start-up profile's samples (a tensor-parallel engine has every rank time the same grid)."""
+        return profile_latency(self.executor, self.kv, self.vocab_size, self.max_model_len)
 
     def finetune(self, dataset: Any, *, adapter: str = "default", init_adapter: Optional[str] = None,
                  optimizer: str = "adamw", lr: float = 1e-4, steps: Optional[int] = None, epochs: int = 1,

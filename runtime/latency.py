@@ -18,12 +18,25 @@ besides its per-token work. Coefficients are fitted by non-negative least
 squares from a start-up profile, persisted as JSON, and refined online from
 every measured iteration (a bounded window of recent samples, refitted every
 few iterations).
+
+Drift: the model compares every observed iteration with its prediction. When
+the median observed/predicted ratio over the last ``drift_window`` iterations
+is off by more than ``drift_threshold`` (25%), it adapts at once: every
+coefficient is scaled by that ratio and the samples from before the change are
+dropped, so later refits see the new speed only; half a window later it checks
+again (and rescales again if still off). Separately, :attr:`LatencyModel.drift`
+says whether iterations currently take a different time than the *profile*
+predicted (a busy or slower machine), with the ratio; a warning is logged once
+per such episode. A ``check`` (see :mod:`flexc.runtime.latency_checks`) keeps
+online refits plausible: a coefficient it rejects keeps its current value and
+the others are fitted around it.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import json
+import logging
 import math
 import os
 from typing import Callable, Iterable, Optional, Sequence
@@ -32,7 +45,9 @@ import numpy as np
 
 from flexc.runtime.batch import SchedulerOutput, ScheduledSequence, SeqKind
 
-__all__ = ["IterationWork", "LatencyModel", "FEATURES", "iteration_work", "forward_work"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["IterationWork", "LatencyModel", "Drift", "FEATURES", "iteration_work", "forward_work"]
 
 FEATURES = ("const", "decode_tokens", "prefill_tokens", "attention_pairs", "ft_forward_tokens",
             "ft_backward_layer_tokens", "ft_backward_layers")
@@ -93,13 +108,40 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Drift:
+    """Iterations take a different time than the start-up profile predicted (what a progress line shows)."""
+
+    ratio: float
+    """Median observed / profiled seconds over the recent window (2.0: iterations take twice the profiled time)."""
+    window: int
+    """Iterations the ratio is taken over."""
+    since: int
+    """Observation count at which this episode began."""
+
+
+def _nnls_scaled(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """NNLS with columns scaled to comparable magnitudes (what the solver's tolerance assumes)."""
+    scale = np.abs(a).max(axis=0)
+    scale[scale == 0] = 1.0
+    return _nnls(a / scale, b) / scale
+
+
 class LatencyModel:
     """Predicts iteration seconds from :class:`IterationWork`; fit, refine, save, load."""
 
     def __init__(self, num_layers: int, coef: Optional[Sequence[float]] = None, window: int = 512,
-                 refit_every: int = 16):
+                 refit_every: int = 16, drift_threshold: float = 0.25, drift_window: int = 16,
+                 check: Optional[Callable[[np.ndarray], list[int]]] = None):
+        """``drift_threshold``: relative difference of observed and predicted seconds (median over the last
+        ``drift_window`` iterations) beyond which the model adapts at once and reports :attr:`drift`;
+        ``check``: given coefficients, the indices of implausible ones (online refits keep those unchanged)."""
         if num_layers <= 0:
             raise ValueError(f"num_layers must be positive, got {num_layers}")
+        if not drift_threshold > 0:
+            raise ValueError(f"drift_threshold must be a positive fraction, got {drift_threshold}")
+        if drift_window < 2:
+            raise ValueError(f"drift_window must be at least 2 iterations, got {drift_window}")
         self.num_layers = num_layers
         self.coef = np.array(coef if coef is not None else [0.0] * len(FEATURES), dtype=float)
         if self.coef.shape != (len(FEATURES),):
@@ -108,26 +150,132 @@ class LatencyModel:
         self._samples: collections.deque = collections.deque(maxlen=window)
         self._refit_every = refit_every
         self._since_fit = 0
+        self.check = check
+        self.drift_threshold = drift_threshold
+        self.drift_window = drift_window
+        self.profiled: Optional[np.ndarray] = self.coef.copy() if coef is not None else None
+        """The coefficients of the start-up profile (fitted or loaded); what :attr:`drift` compares with."""
+        self.observations = 0
+        """Iterations observed since construction."""
+        self.adaptations = 0
+        """Times the model rescaled itself after observed times drifted from its predictions."""
+        self._ratios: collections.deque = collections.deque(maxlen=drift_window)        # observed / predicted
+        self._profiled_ratios: collections.deque = collections.deque(maxlen=drift_window)   # observed / profiled
+        self._drift: Optional[Drift] = None
+        self._following = False
+        self.saved_context: Optional[dict] = None
+        """What a loaded profile says it was measured on (see :meth:`load`)."""
+        self.source: Optional[str] = None
+        """Where the profile came from: ``loaded``, ``profiled``, ``corrected`` (see
+        :func:`~flexc.runtime.profiling.load_or_profile`), None when set otherwise."""
 
     def predict(self, work: IterationWork) -> float:
         """Predicted seconds of an iteration doing ``work``."""
         return float(self.coef @ work.features(self.num_layers))
 
     def fit(self, samples: Iterable[tuple[IterationWork, float]]) -> "LatencyModel":
-        """Fit the coefficients to (work, measured seconds) pairs; keeps them as the refinement window."""
+        """Fit the coefficients to (work, measured seconds) pairs; keeps them as the refinement window and the
+        fit as the profile :attr:`drift` compares with."""
         for w, t in samples:
             self._samples.append((w.features(self.num_layers), float(t)))
         self._refit()
+        self.set_profile(self.coef)
         return self
 
+    def set_profile(self, coef: Sequence[float], samples: Iterable[tuple[Sequence[float], float]] = ()) -> None:
+        """Use ``coef`` as the current and the profiled coefficients (a loaded or corrected profile), with the
+        feature rows and seconds it was fitted from as the refinement window; forgets any drift."""
+        self.coef = np.array(coef, dtype=float)
+        self.profiled = self.coef.copy()
+        rows = list(samples)
+        if rows:
+            self._samples.clear()
+            self._samples.extend((np.asarray(f, dtype=float), float(t)) for f, t in rows)
+        self._ratios.clear()
+        self._profiled_ratios.clear()
+        self._drift = None
+        self._following = False
+
+    @property
+    def samples(self) -> list[tuple[np.ndarray, float]]:
+        """The refinement window: (feature row, measured seconds), oldest first."""
+        return list(self._samples)
+
+    def residual(self) -> float:
+        """Relative RMS error of the current coefficients over the window (RMS residual / mean seconds)."""
+        if not self._samples:
+            return 0.0
+        a = np.stack([f for f, _ in self._samples])
+        b = np.array([t for _, t in self._samples])
+        return float(np.sqrt(np.mean((a @ self.coef - b) ** 2)) / max(float(b.mean()), 1e-12))
+
+    @property
+    def drift(self) -> Optional[Drift]:
+        """Set while the recent iterations take more than ``drift_threshold`` more (or less) time than the
+        profile predicted; None otherwise (and before a window of observations)."""
+        return self._drift
+
     def observe(self, work: IterationWork, seconds: float) -> None:
-        """Record one measured iteration; refit every ``refit_every`` observations."""
+        """Record one measured iteration: follow drift at once, else refit every ``refit_every`` observations."""
         if not math.isfinite(seconds) or seconds < 0:
             return
-        self._samples.append((work.features(self.num_layers), float(seconds)))
+        f = work.features(self.num_layers)
+        pred = float(self.coef @ f)
+        self._samples.append((f, float(seconds)))
+        self.observations += 1
+        if pred > 0 and seconds > 0:
+            self._ratios.append(seconds / pred)
+        if self.profiled is not None and seconds > 0 and (prof := float(self.profiled @ f)) > 0:
+            self._profiled_ratios.append(seconds / prof)
+            self._track_drift()
         self._since_fit += 1
-        if self._since_fit >= self._refit_every:
+        if not self._adapt() and self._since_fit >= self._refit_every:
             self._refit()
+
+    def _outside(self, ratio: float, threshold: float) -> bool:
+        return abs(math.log(ratio)) > math.log1p(threshold)
+
+    def _adapt(self) -> bool:
+        """When the recent observed/predicted median is off by more than the threshold, scale every coefficient
+        by it and drop the samples from before the change. Returns whether it adapted."""
+        # NOTE: right after an adaptation half a window decides whether it went far enough (a rescale fitted on
+        # one mix of iterations may be off for the mix the policy schedules next)
+        if len(self._ratios) < (self.drift_window // 2 if self._following else self.drift_window):
+            return False
+        r = float(np.median(self._ratios))
+        if not self._outside(r, self.drift_threshold):
+            self._following = self._following and len(self._ratios) < self.drift_window
+            return False
+        self._following = True
+        self.coef = self.coef * r
+        recent = list(self._samples)[-self.drift_window:]
+        self._samples.clear()
+        self._samples.extend(recent)
+        self._ratios.clear()
+        self._since_fit = 0
+        self.adaptations += 1
+        logger.info("latency model: iterations took %.2fx its predictions over the last %d; rescaled to follow",
+                    r, self.drift_window)
+        return True
+
+    def _track_drift(self) -> None:
+        """Enter a drift episode when observed/profiled leaves the threshold, leave it when back within half of it
+        (hysteresis: one warning per episode)."""
+        if len(self._profiled_ratios) < self.drift_window:
+            return
+        r = float(np.median(self._profiled_ratios))
+        if self._drift is None and self._outside(r, self.drift_threshold):
+            logger.warning("iterations take %.2fx the profiled time (median of the last %d): the machine is %s than "
+                           "when the latency model was profiled; the model adapts", r, self.drift_window,
+                           "slower (busy?)" if r > 1 else "faster")
+            self._drift = Drift(ratio=r, window=self.drift_window, since=self.observations)
+        elif self._drift is not None:
+            if self._outside(r, self.drift_threshold / 2):
+                self._drift = dataclasses.replace(self._drift, ratio=r)
+            else:
+                logger.info("iterations are back within %.0f%% of the profiled time (%.2fx)",
+                            100 * self.drift_threshold, r)
+                self._drift = None
 
     def _refit(self) -> None:
         self._since_fit = 0
@@ -135,13 +283,20 @@ class LatencyModel:
             return
         a = np.stack([f for f, _ in self._samples])
         b = np.array([t for _, t in self._samples])
-        # scale columns so the solver sees comparable magnitudes
-        scale = np.abs(a).max(axis=0)
         # NOTE: a feature no sample in the window has (no backward ran lately) keeps its coefficient: fitted as
         # 0 it would make that work look free, and a policy would schedule all of it at once
-        seen = scale > 0
+        free = np.abs(a).max(axis=0) > 0
         coef = self.coef.copy()
-        coef[seen] = _nnls(a[:, seen] / scale[seen], b) / scale[seen]
+        for _ in range(len(FEATURES)):
+            coef[free] = _nnls_scaled(a[:, free], b - a[:, ~free] @ coef[~free])
+            bad = [i for i in (self.check(coef) if self.check is not None and self.profiled is not None else [])
+                   if free[i]]
+            if not bad or not free.any():
+                break
+            # NOTE: a coefficient the check rejects (e.g. 0 for a per-token cost: two features always together)
+            # keeps its current value; the rest are fitted around it
+            coef[bad] = self.coef[bad]
+            free[bad] = False
         self.coef = coef
 
     def max_units(self, base: IterationWork, budget_s: float, unit: IterationWork, limit: int) -> int:
@@ -165,26 +320,40 @@ class LatencyModel:
                 hi = mid - 1
         return lo
 
-    def to_dict(self) -> dict:
-        return {"features": list(FEATURES), "coef": [float(c) for c in self.coef], "num_layers": self.num_layers,
-                "samples": len(self._samples)}
+    def to_dict(self, with_samples: bool = False) -> dict:
+        d = {"features": list(FEATURES), "coef": [float(c) for c in self.coef], "num_layers": self.num_layers,
+             "samples": len(self._samples), "residual": round(self.residual(), 4)}
+        if with_samples:
+            d["rows"] = [[float(x) for x in f] + [t] for f, t in self._samples]
+        return d
 
-    def save(self, path: str) -> None:
-        """Write the coefficients as JSON (atomically)."""
+    def save(self, path: str, context: Optional[dict] = None) -> None:
+        """Write the coefficients, the samples they were fitted from and ``context`` (where they were measured,
+        see :class:`~flexc.runtime.latency_checks.ProfileContext`) as JSON, atomically."""
+        d = self.to_dict(with_samples=True)
+        if context is not None:
+            d["context"] = context
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+            json.dump(d, f, indent=1)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "LatencyModel":
-        """Read a model saved by :meth:`save`; a file of another shape is a ValueError naming it."""
+        """Read a model saved by :meth:`save` (its samples become the window; ``saved_context`` holds the saved
+        context dict, None if the file has none); a file of another shape is a ValueError naming it."""
         try:
             with open(path) as f:
                 d = json.load(f)
             if list(d["features"]) != list(FEATURES):
                 raise ValueError(f"features {d['features']} differ from {list(FEATURES)}")
-            return cls(int(d["num_layers"]), d["coef"])
+            m = cls(int(d["num_layers"]), d["coef"])
+            rows = [(r[:-1], r[-1]) for r in d.get("rows", [])]
+            if any(len(f) != len(FEATURES) for f, _ in rows):
+                raise ValueError(f"sample rows need {len(FEATURES) + 1} numbers")
+            m.set_profile(m.coef, rows)
+            m.saved_context = d.get("context")
+            return m
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a flexc latency model ({e})") from e
 

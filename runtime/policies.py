@@ -9,6 +9,14 @@ top-down over the whole sequence). When no inference work is present the
 iteration is a finetuning-only one (a full token budget of forward, or the whole backward, as
 ``finetune_only`` runs), so idle time is never wasted.
 
+Finetuning never starves: ``min_finetune_share`` is a floor *by tokens*, held
+in every iteration whatever the latency model predicts (even when inference
+alone already exceeds the TPOT target). While the active sequence's forward is
+incomplete, ``ceil(min_finetune_share * token_budget)`` tokens of the budget are
+reserved for it (inference gets the rest); during its backward, at least one
+layer runs per iteration (a layer's backward covers the whole sequence and
+cannot be split). A floor of 0 restores the strict SLO-first behaviour.
+
 Baselines beside it, through the same :class:`~flexc.runtime.scheduler.SchedulingPolicy`
 interface:
 
@@ -24,6 +32,7 @@ The finetuning jobs come from the scheduler's :class:`~flexc.runtime.finetune.Fi
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Optional
 
 from flexc.runtime.batch import ScheduledSequence
@@ -114,10 +123,15 @@ class CoServePolicy:
 
     name = "coserve"
 
-    def __init__(self, latency: LatencyModel, tpot_slo: float, headroom: float = 0.9):
+    def __init__(self, latency: LatencyModel, tpot_slo: float, headroom: float = 0.9,
+                 min_finetune_share: float = 0.05):
         if tpot_slo <= 0:
             raise ValueError(f"tpot_slo must be positive seconds, got {tpot_slo}")
+        if not 0 <= min_finetune_share <= 1:
+            raise ValueError(f"min_finetune_share must be a fraction in [0, 1], got {min_finetune_share}")
         self.latency = latency
+        self.min_finetune_share = min_finetune_share
+        """Floor of finetuning tokens per iteration, as a fraction of the token budget (see the module docstring)."""
         self.budget_s = tpot_slo * headroom
         """Iteration time the policy fills up to (a margin below the TPOT SLO for prediction error)."""
         self._inference = DecodeFirstPolicy()
@@ -139,9 +153,15 @@ class CoServePolicy:
         """What this iteration is filled up to: the budget, less the model's recent under-prediction."""
         return self.budget_s / max(1.0, self.bias)
 
+    def floor_tokens(self, sched: "Scheduler") -> int:
+        """Finetuning forward tokens every iteration carries at least (0 without a floor)."""
+        return math.ceil(self.min_finetune_share * sched.config.token_budget) if self.min_finetune_share else 0
+
     def schedule(self, sched: "Scheduler") -> list[ScheduledSequence]:
-        seqs = self._inference.schedule(sched)
         act = sched.finetune.active() if sched.finetune is not None else None
+        floor = min(self.floor_tokens(sched), act[1].forward_remaining) if act is not None else 0
+        # NOTE: the floor's tokens are reserved before inference takes the budget (finetuning never starves)
+        seqs = self._inference.schedule(sched, budget=sched.config.token_budget - floor)
         if act is None:
             return seqs
         job, fs = act
@@ -155,6 +175,7 @@ class CoServePolicy:
                 ft_forward_tokens=m, attention_pairs=m * (start + m)), limit)
             if idle:
                 n = limit          # NOTE: no request to protect: as much as finetune_only would run
+            n = max(n, floor)
             if n > 0:
                 _add_forward(sched, job, fs, n, seqs)
         elif fs.in_backward and not fs.done:
@@ -163,6 +184,8 @@ class CoServePolicy:
                                        IterationWork(ft_backward_layer_tokens=fs.length, ft_backward_layers=1), left)
             if idle:
                 k = left
+            elif self.min_finetune_share > 0:
+                k = max(k, 1)
             sched.schedule_finetune_backward(fs, min(k, left))
         return seqs
 
@@ -170,12 +193,13 @@ class CoServePolicy:
 POLICIES = ("coserve", "temporal", "inference_only", "finetune_only")
 
 
-def make_policy(name: str, latency: Optional[LatencyModel] = None, tpot_slo: float = 0.1, interval: int = 4):
-    """A policy by name (``coserve`` needs the latency model)."""
+def make_policy(name: str, latency: Optional[LatencyModel] = None, tpot_slo: float = 0.1, interval: int = 4,
+                min_finetune_share: float = 0.05):
+    """A policy by name (``coserve`` needs the latency model; ``min_finetune_share`` is its floor)."""
     if name == "coserve":
         if latency is None:
             raise ValueError("the coserve policy needs a latency model")
-        return CoServePolicy(latency, tpot_slo)
+        return CoServePolicy(latency, tpot_slo, min_finetune_share=min_finetune_share)
     if name == "temporal":
         return TemporalPolicy(interval)
     if name == "inference_only":

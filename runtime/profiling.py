@@ -3,24 +3,91 @@
 The samples (what each iteration computed, how long it took) fit the
 :class:`~flexc.runtime.latency.LatencyModel` the co-serving policy plans with.
 Every tensor-parallel rank runs the same grid, so their collectives pair up.
+
+:func:`load_or_profile` is the start-up path: a saved profile is reused only
+when it was measured in this context and its fit is sane
+(:mod:`flexc.runtime.latency_checks`); otherwise the grid is profiled, an
+implausible fit is profiled once more and then corrected (with a warning, and
+not saved), and a sane one is saved with its context.
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from flexc.runtime.batch import ScheduledSequence, SchedulerOutput, SeqKind
 from flexc.runtime.dataset import TrainingSequence
-from flexc.runtime.latency import IterationWork, iteration_work
+from flexc.runtime.latency import IterationWork, LatencyModel, iteration_work
+from flexc.runtime.latency_checks import (FlopCosts, ProfileContext, check_fit, correct_fit,
+                                          implausible_indices)
 from flexc.runtime.sequence import FinetuneSequence, make_layouts
 
 if TYPE_CHECKING:
     from flexc.runtime.executor import Executor
     from flexc.runtime.kv_cache import KVCacheManager
 
-__all__ = ["profile_latency"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["profile_latency", "load_or_profile", "PROFILE_ATTEMPTS"]
+
+PROFILE_ATTEMPTS = 2
+"""Profiles taken at most at start-up before an implausible fit is corrected instead."""
+
+Samples = list[tuple[IterationWork, float]]
+
+
+def load_or_profile(latency: LatencyModel, path: Optional[str], context: ProfileContext, costs: FlopCosts,
+                    profile: Callable[[], Samples]) -> str:
+    """Set ``latency``'s profile from ``path`` if it was saved in ``context`` and is sane, else from ``profile()``
+    (at most :data:`PROFILE_ATTEMPTS` times, then corrected); a sane new profile is saved to ``path``. Installs
+    the FLOP check for online refits. Returns (and stores as ``latency.source``) ``loaded``, ``profiled`` or
+    ``corrected``."""
+    latency.check = implausible_indices(costs)
+    if path and os.path.isfile(path):
+        saved, why = _saved_profile(path, context, costs)
+        if saved is not None:
+            latency.set_profile(saved.coef, saved.samples)
+            latency.source = "loaded"
+            logger.info("latency model loaded from %s", path)
+            return latency.source
+        logger.warning("latency profile %s not reused: %s; profiling again", path, why)
+    for attempt in range(1, PROFILE_ATTEMPTS + 1):
+        t0 = time.perf_counter()
+        fresh = LatencyModel(latency.num_layers).fit(profile())
+        problems = check_fit(fresh.coef, costs, len(fresh.samples), fresh.residual())
+        logger.info("latency model profiled in %.1f s: %s", time.perf_counter() - t0, fresh.to_dict())
+        if not problems:
+            latency.set_profile(fresh.coef, fresh.samples)
+            latency.source = "profiled"
+            if path:
+                latency.save(path, context.to_dict())
+            return latency.source
+        logger.warning("latency profile %d of %d is implausible: %s", attempt, PROFILE_ATTEMPTS, "; ".join(problems))
+    coef = correct_fit(fresh.coef, costs)
+    logger.warning("using a corrected latency model (per-token costs from the compiled graphs' FLOPs where the fit "
+                   "was implausible; not saved): %s; it adapts to observed iterations",
+                   [round(float(c), 8) for c in coef])
+    latency.set_profile(coef, fresh.samples)
+    latency.source = "corrected"
+    return latency.source
+
+
+def _saved_profile(path: str, context: ProfileContext,
+                   costs: FlopCosts) -> tuple[Optional[LatencyModel], Optional[str]]:
+    """The profile saved at ``path`` if it can be used here, else None and why not."""
+    try:
+        saved = LatencyModel.load(path)
+    except ValueError as e:             # e.g. written by an older flexc with other features
+        return None, str(e)
+    why = context.differs(saved.saved_context)
+    if why is not None:
+        return None, why
+    problems = check_fit(saved.coef, costs, len(saved.samples), saved.residual())
+    return (None, f"its fit is implausible ({'; '.join(problems)})") if problems else (saved, None)
 
 
 def profile_latency(executor: "Executor", kv: "KVCacheManager", vocab_size: int, max_len: int,

@@ -134,8 +134,11 @@ class DecodeFirstPolicy:
     runs_finetuning = False
     """Inference only: the engine refuses finetuning jobs under this policy."""
 
-    def schedule(self, sched: "Scheduler") -> list[ScheduledSequence]:
-        budget = sched.config.token_budget
+    def schedule(self, sched: "Scheduler", budget: Optional[int] = None) -> list[ScheduledSequence]:
+        """``budget``: tokens these sequences may take (default the whole token budget; a co-serving policy
+        reserves some for finetuning)."""
+        total = sched.config.token_budget if budget is None else budget
+        budget = total
         seqs: list[ScheduledSequence] = []
         # NOTE: decodes first: a decode is 1 token and holds up a user already waiting for output
         for phase in (SeqKind.DECODE, SeqKind.PREFILL):
@@ -147,7 +150,7 @@ class DecodeFirstPolicy:
                 before = len(seqs)
                 seq = sched.schedule_tokens(req, min(budget, req.num_tokens - req.num_computed_tokens), seqs)
                 if len(seqs) != before:   # a preemption took already scheduled sequences out again
-                    budget = sched.config.token_budget - sum(len(s.token_ids) for s in seqs)
+                    budget = total - sum(len(s.token_ids) for s in seqs)
                 if seq is not None:
                     seqs.append(seq)
                     budget -= len(seq.token_ids)

@@ -43,7 +43,6 @@ from flexc.runtime.tp_runner import TPRegionRunner
 
 if TYPE_CHECKING:
     from flexc.ir.artifact import CompiledModel
-    from flexc.runtime.latency import LatencyModel
     from flexc.runtime.scheduler import SchedulingPolicy
 
 logger = logging.getLogger(__name__)
@@ -119,15 +118,14 @@ class TPEngine(Engine):
         self._tell(Op.SAVE_ADAPTER, name=name, directory=directory)
         super().save_adapter(name, directory)
 
-    def fit_latency_model(self) -> "LatencyModel":
-        """:meth:`Engine.fit_latency_model`; when it profiles, every rank times the same synthetic batches."""
-        path = self.config.latency_profile
-        if not (path and os.path.isfile(path)):
-            if self.kv.req_to_blocks:            # NOTE: the workers' scratch blocks would overwrite live K/V
-                raise ValueError("at tp > 1 the latency model can only be profiled while no sequence holds KV "
-                                 "blocks (at start-up)")
-            self._tell(Op.PROFILE)
-        return super().fit_latency_model()
+    def _profile_latency(self) -> list:
+        """:meth:`Engine._profile_latency`; every rank times the same synthetic batches (each time rank 0
+        profiles: a saved profile of another context, or an implausible fit, is profiled again)."""
+        if self.kv.req_to_blocks:            # NOTE: the workers' scratch blocks would overwrite live K/V
+            raise ValueError("at tp > 1 the latency model can only be profiled while no sequence holds KV "
+                             "blocks (at start-up)")
+        self._tell(Op.PROFILE)
+        return super()._profile_latency()
 
     # ------------------------------------------------------------------ the worker side
     def mirror_step(self, batch: SchedulerOutput) -> None:

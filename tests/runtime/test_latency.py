@@ -67,3 +67,50 @@ def test_save_load_roundtrip(tmp_path):
     with pytest.raises(ValueError, match="not a flexc latency model"):
         LatencyModel.load(str(bad))
     assert len(FEATURES) == 7 and "ft_forward_passes" not in FEATURES
+
+
+def test_drift_is_reported_once_and_followed(caplog):
+    """Iterations 2x slower than predicted: within one drift window the model reports the drift (ratio ~2, one
+    warning) and predicts within 25%; back at the profiled speed, it clears the state and follows back."""
+    m = LatencyModel(num_layers=10, drift_window=16).fit(_samples(40))
+    assert m.drift is None
+    with caplog.at_level("WARNING", logger="flexc.runtime.latency"):
+        for i, (w, t) in enumerate(_samples(16, seed=2)):
+            assert m.drift is None, i
+            m.observe(w, 2 * t)
+        assert m.drift is not None and m.drift.ratio == pytest.approx(2.0, rel=0.01)
+        assert m.adaptations == 1
+        for w, t in _samples(20, seed=4):
+            assert m.predict(w) == pytest.approx(2 * t, rel=0.25)
+            m.observe(w, 2 * t)
+    assert len([r for r in caplog.records if "profiled time" in r.message]) == 1
+    assert m.drift is not None
+    for w, t in _samples(40, seed=5):
+        m.observe(w, t)
+    assert m.drift is None
+    w, t = _samples(1, seed=6)[0]
+    assert m.predict(w) == pytest.approx(t, rel=0.25)
+
+
+def test_small_noise_is_not_drift():
+    """Observations within +-10% of the predictions (noise) neither report drift nor rescale the model."""
+    m = LatencyModel(num_layers=10, drift_window=8).fit(_samples(40))
+    for w, t in _samples(64, seed=7, noise=0.05):
+        m.observe(w, t)
+    assert m.drift is None and m.adaptations == 0
+
+
+def test_refits_keep_rejected_coefficients():
+    """A refit over a window where finetuning forward and decode always come together would price one of them at
+    0 (without the check it does); with a check that rejects zero per-token costs, the rejected one keeps its
+    value and the rest fit around it, back to the true costs."""
+    ft = FEATURES.index("ft_forward_tokens")
+    for check in (None, lambda coef: [i for i in (1, ft) if coef[i] <= 0]):
+        m = LatencyModel(num_layers=10, window=16, refit_every=8, check=check).fit(_samples(40))
+        for k in range(1, 17):
+            w = IterationWork(decode_tokens=k, ft_forward_tokens=k)
+            m.observe(w, _truth(w))
+        if check is None:
+            assert min(m.coef[1], m.coef[ft]) == 0
+        else:
+            assert m.coef[1] == pytest.approx(2e-4, rel=1e-3) and m.coef[ft] == pytest.approx(3e-4, rel=1e-3)

@@ -69,3 +69,32 @@ def test_tokens_per_second_and_busy_share_over_wall_time(clock):
     assert "history" not in m.to_dict() and len(m.to_dict(with_history=True)["history"]) == 3
     rec.reset()
     assert rec.summary().iterations == 0 and rec.summary().inference_tokens_per_s == 0.0
+
+
+def test_slo_misses_are_attributed():
+    """Iterations over the TPOT SLO (0.1 s) are put down to inference when no finetuning ran, when the inference
+    part alone was predicted over the SLO, or when its observed share was (observed 0.3 s x predicted 0.06 of
+    0.09 = 0.2 s); to finetuning when inference alone fitted; unattributed without predictions. Iterations within
+    the SLO or without inference tokens are no misses; observed / profiled is the median ratio, by hand."""
+    rec = MetricsRecorder(tpot_slo=0.1, ttft_slo=1.0)
+    cases = [  # seconds, ft tokens, predicted, predicted inference, profiled, expected
+        (0.2, 0, 0.05, 0.05, 0.05, "inference"),
+        (0.2, 8, 0.2, 0.15, 0.2, "inference"),
+        (0.3, 8, 0.09, 0.06, 0.1, "inference"),
+        (0.12, 8, 0.11, 0.05, 0.06, "finetuning"),
+        (0.15, 8, None, None, None, "unattributed"),
+        (0.05, 8, 0.2, 0.15, 0.025, None),
+    ]
+    for i, (sec, ft, pred, inf, prof, _) in enumerate(cases):
+        rec.iteration(float(i), sec, decode_tokens=4, prefill_tokens=0, ft_forward_tokens=ft, ft_backward_layers=0,
+                      generated_tokens=4, ft_tokens_done=0, predicted_s=pred, predicted_inference_s=inf,
+                      profiled_s=prof)
+    rec.iteration(9.0, 5.0, decode_tokens=0, prefill_tokens=0, ft_forward_tokens=64, ft_backward_layers=0,
+                  generated_tokens=0, ft_tokens_done=0, predicted_s=0.5, predicted_inference_s=0.0, profiled_s=0.5)
+    m = rec.summary()
+    assert [h["slo_miss"] for h in m.history] == [c[-1] for c in cases] + [None]
+    assert (m.slo_miss_iterations, m.slo_miss_inference, m.slo_miss_finetuning, m.slo_miss_unattributed) == \
+        (5, 3, 1, 1)
+    assert m.observed_vs_profiled == pytest.approx(2.5)    # median of 4, 1, 3, 2, 2, 10
+    d = m.to_dict()
+    assert {"slo_miss_inference", "slo_miss_finetuning", "observed_vs_profiled"} <= set(d)
