@@ -118,8 +118,14 @@ def test_smollm2_greedy_matches_transformers(smollm2):
     res += engine.generate(["What is 2+2?"], max_new_tokens=8, chat=True)
     prompts = [tok.encode(texts[0]), tok.encode(texts[1]), chat]
     assert res[2].prompt_token_ids == chat
-    with ref.disable_adapter():
-        want = [hf_greedy(ref, p, m, ref.generation_config.eos_token_id) for p, m in zip(prompts, [10, 6, 8])]
+    base = ref.get_base_model()
+    attn = base.config._attn_implementation
+    base.set_attn_implementation("sdpa")
+    try:
+        with ref.disable_adapter():
+            want = [hf_greedy(ref, p, m, ref.generation_config.eos_token_id) for p, m in zip(prompts, [10, 6, 8])]
+    finally:
+        base.set_attn_implementation(attn)
     for r, p, w in zip(res, prompts, want):
         assert r.token_ids == w
         assert r.text == tok.decode(r.token_ids, skip_special_tokens=True)
