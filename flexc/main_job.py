@@ -32,10 +32,10 @@ import time
 from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
 from flexc.runtime.metrics import percentile
-from flexc.verdict import MachineLoad, ProfileWatch, RunFacts, exit_status, judge, read_load
+from flexc.verdict import MachineLoad, RunFacts, exit_status, judge, read_load
 
 if TYPE_CHECKING:
-    from flexc.runtime.engine import Engine, GenerationResult
+    from flexc.runtime.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -407,16 +407,13 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
           "decaying linearly)",
           file=out, flush=True)
 
-    # NOTE: the engine's latency model refits itself from every iteration; the watch keeps the start-up fit
-    watch = ProfileWatch(engine.latency)
-    engine.latency.observe = watch.wrap(engine.latency.observe)
-    try:
-        stats = serve(engine, load, args.duration, job=job, progress=Progress(), tpot_slo=args.tpot_slo,
-                      ttft_slo=args.ttft_slo)
-    finally:
-        del engine.latency.observe           # the class's method again
+    h0 = len(engine.metrics().history)
+    stats = serve(engine, load, args.duration, job=job, progress=Progress(), tpot_slo=args.tpot_slo,
+                  ttft_slo=args.ttft_slo)
     load_end = read_load()
     m = engine.metrics()                      # NOTE: snapshot before the evaluation adds its own iterations
+    # each iteration's time against the start-up profile's prediction of it (the live model refits itself)
+    compared = [h for h in m.history[h0:] if h.get("profiled_s")]
     adapter_dir = args.out_dir
     engine.save_adapter(ADAPTER, adapter_dir)
 
@@ -435,9 +432,9 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
     verdict = judge(RunFacts(submitted=stats.submitted, finished=len(res), slo_met=ok, slo_target=args.slo_target,
                              ft_status=job.status.value, ft_steps=job.step,
                              ft_total_steps=job.total_steps, losses=list(job.loss_history), ft_error=job.error,
-                             load=machine, observed_s=watch.observed_s if watch.iterations else None,
-                             profiled_s=watch.profiled_s if watch.iterations else None,
-                             iterations_compared=watch.iterations))
+                             load=machine, observed_s=sum(h["seconds"] for h in compared) if compared else None,
+                             profiled_s=sum(h["profiled_s"] for h in compared) if compared else None,
+                             iterations_compared=len(compared)))
     summary = {
         "policy": args.policy, "tp": args.tp, "rate": args.rate, "duration_s": round(stats.wall, 1),
         "requests": {"submitted": stats.submitted, "finished": len(res), "aborted_at_end": stats.aborted,

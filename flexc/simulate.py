@@ -26,7 +26,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 

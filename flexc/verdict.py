@@ -24,12 +24,11 @@ within the SLOs. ``flexc run --strict`` exits 1 when the verdict is not ok.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-__all__ = ["MachineLoad", "RunFacts", "Verdict", "ProfileWatch", "judge", "read_load", "exit_status"]
+__all__ = ["MachineLoad", "RunFacts", "Verdict", "judge", "read_load", "exit_status"]
 
 BUSY_SHARE = 0.5
 """Other processes' load (runnable tasks) at or above this share of the cores counts as a busy machine."""
@@ -192,26 +191,3 @@ def _fmt(x: Optional[float]) -> str:
 def exit_status(verdict: Verdict, strict: bool) -> int:
     """``flexc run``'s exit status: 1 under ``--strict`` when the verdict is not ok, else 0."""
     return 1 if strict and not verdict.ok else 0
-
-
-class ProfileWatch:
-    """Measured iteration times against the start-up latency profile: a frozen copy of the engine's latency
-    model (which keeps refitting itself from what it observes) predicts each observed iteration's work."""
-
-    def __init__(self, model: Any):
-        self.profiled = copy.deepcopy(model)
-        self.observed_s = 0.0
-        self.profiled_s = 0.0
-        self.iterations = 0
-
-    def add(self, work: Any, seconds: float) -> None:
-        self.observed_s += seconds
-        self.profiled_s += self.profiled.predict(work)
-        self.iterations += 1
-
-    def wrap(self, observe: Callable[[Any, float], None]) -> Callable[[Any, float], None]:
-        """``observe`` that also records the iteration here."""
-        def watched(work: Any, seconds: float) -> None:
-            self.add(work, seconds)
-            observe(work, seconds)
-        return watched

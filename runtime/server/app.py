@@ -28,7 +28,7 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from flexc.runtime.server.errors import APIError, error_body, install_error_handler, not_found
+from flexc.runtime.server.errors import APIError, error_body, install_error_handler
 from flexc.runtime.server.files import FileRegistry
 from flexc.runtime.server.jobs import JobManager
 from flexc.runtime.server.metrics import CONTENT_TYPE, ServerMetrics

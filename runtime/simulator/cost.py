@@ -26,7 +26,7 @@ from flexc.ir.spec import KVCacheSpec, parse_dtype
 from flexc.runtime.batch import SchedulerOutput, SeqKind
 from flexc.runtime.latency import IterationWork, LatencyModel
 from flexc.runtime.simulator.hardware import GPU
-from flexc.runtime.simulator.roofline import (EMPTY_COLLECTIVES, AttentionCost, CollectiveTable, KernelTable,
+from flexc.runtime.simulator.roofline import (AttentionCost, CollectiveTable, KernelTable,
                                               attention_cost, collective_table, kernel_table)
 
 if TYPE_CHECKING:

@@ -25,7 +25,6 @@ import random
 import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
-import numpy as np
 
 from flexc.runtime.latency import LatencyModel
 from flexc.runtime.simulator.report import summarize_requests

@@ -1,7 +1,6 @@
 """flexc run helpers: seeded Poisson load, keyword scoring, the serve loop and the chart, without a model."""
 import argparse
 import dataclasses
-import json
 import math
 
 import pytest

@@ -4,7 +4,7 @@ import argparse
 import pytest
 
 from flexc import main_job
-from flexc.verdict import MachineLoad, ProfileWatch, RunFacts, exit_status, judge, read_load
+from flexc.verdict import MachineLoad, RunFacts, exit_status, judge, read_load
 
 GOOD = dict(submitted=64, finished=64, slo_met=64, ft_status="completed", ft_steps=96, ft_total_steps=96,
             losses=[2.2, 1.5, 0.8, 0.1])
@@ -84,31 +84,6 @@ def test_causes_when_the_machine_is_not_to_blame():
     assert v.problems == ["the finetuning job failed (3 non-finite steps in a row)"]
     assert v.causes == ["none found in the machine (load of others 0.1 on 2 cores; iterations matched the profile "
                         "(1.05x)): the load or the SLOs ask more than this machine serves"]
-
-
-def test_profile_watch_predicts_with_the_start_up_fit():
-    """The watch predicts each observed iteration with a frozen copy of the model: refits of the live model
-    after the watch started do not change its predictions; the wrapped observe still reaches the model."""
-    class Model:
-        def __init__(self):
-            self.per_token = 0.01
-            self.seen = []
-
-        def predict(self, work):
-            return self.per_token * work
-
-        def observe(self, work, seconds):
-            self.seen.append((work, seconds))
-            self.per_token = seconds / work        # the live model follows what it observes
-
-    live = Model()
-    watch = ProfileWatch(live)
-    observe = watch.wrap(live.observe)
-    observe(100, 3.0)
-    observe(200, 6.0)
-    assert live.seen == [(100, 3.0), (200, 6.0)] and live.per_token == pytest.approx(0.03)
-    assert watch.iterations == 2 and watch.observed_s == pytest.approx(9.0)
-    assert watch.profiled_s == pytest.approx(3.0)      # 0.01 s/token x 300 tokens, the start-up fit
 
 
 def test_strict_and_slo_target_flags():

@@ -2,7 +2,7 @@
 import pytest
 
 from flexc.runtime.batch import ExecutorOutput, SeqKind
-from flexc.runtime.scheduler import DecodeFirstPolicy, RequestStatus
+from flexc.runtime.scheduler import RequestStatus
 from tests.runtime.utils import create_requests, create_scheduler, fake_output, run_to_completion
 
 
