@@ -224,18 +224,20 @@ def serve(engine: "Engine", load: Sequence[LoadRequest], duration: float, *, job
             nxt = pending[i].arrival if i < len(pending) else duration
             time.sleep(min(max(min(nxt, duration) - now, 0.001), 0.5))
         if progress is not None:
-            progress.update(_progress_line(now, stats, job, tpot_slo, ttft_slo), time.perf_counter())
+            progress.update(_progress_line(now, stats, job, tpot_slo, ttft_slo, engine.latency.drift),
+                            time.perf_counter())
     for rid in live:
         engine.abort(rid)
         stats.aborted += 1
     stats.wall = time.perf_counter() - t0
     if progress is not None:
-        progress.update(_progress_line(stats.wall, stats, job, tpot_slo, ttft_slo), time.perf_counter(), force=True)
+        progress.update(_progress_line(stats.wall, stats, job, tpot_slo, ttft_slo, engine.latency.drift),
+                        time.perf_counter(), force=True)
         progress.close()
     return stats
 
 
-def _progress_line(now: float, stats: ServeStats, job, tpot_slo: float, ttft_slo: float) -> str:
+def _progress_line(now: float, stats: ServeStats, job, tpot_slo: float, ttft_slo: float, drift=None) -> str:
     res = stats.results
     tpots = [r.tpot for r in res]
     ok = sum(r.tpot <= tpot_slo and r.ttft <= ttft_slo for r in res)
@@ -244,6 +246,8 @@ def _progress_line(now: float, stats: ServeStats, job, tpot_slo: float, ttft_slo
     if job is not None:
         loss = f"{job.loss_history[-1]:.3f}" if job.loss_history else "  -  "
         line += f"  | finetune {job.tokens_per_second:5.1f} tok/s  step {job.step}/{job.total_steps}  loss {loss}"
+    if drift is not None:               # the latency model saw iterations off its start-up profile and adapted
+        line += f"  | iterations {drift.ratio:.2f}x the profiled time"
     return line
 
 

@@ -157,3 +157,13 @@ def test_cli_bad_tp_is_one_line(capsys, tp, needle):
     assert cli_main(["run", "--tp", str(tp), "--duration", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_progress_line_says_when_iterations_drift_from_the_profile():
+    """The live line names the latency model's drift (observed / profiled iteration time) while it lasts."""
+    from flexc.runtime.latency import Drift
+    stats = main_job.ServeStats(wall=10.0, submitted=0)
+    calm = main_job._progress_line(10.0, stats, None, 0.25, 5.0)
+    assert "profiled" not in calm
+    line = main_job._progress_line(10.0, stats, None, 0.25, 5.0, Drift(ratio=2.4, window=16, since=3))
+    assert line.startswith(calm) and line.endswith("iterations 2.40x the profiled time")
