@@ -52,9 +52,23 @@ __all__ = ["TPEngine", "run_worker", "serve_rank", "run_tp"]
 T = TypeVar("T")
 
 
+class _MirrorPolicy:
+    """The other ranks' policy: they run rank 0's batches and never schedule (nor profile) themselves."""
+
+    name = "mirror"
+    runs_finetuning = True
+
+    def schedule(self, sched: Any) -> list:
+        raise RuntimeError("a tensor-parallel worker rank does not schedule; it runs rank 0's batches")
+
+
 class TPEngine(Engine):
     """:class:`Engine` on one rank of a tensor-parallel group; on rank 0 every call that the other ranks must
     repeat is broadcast first (or right after it succeeded here, for calls that need no collective)."""
+
+    profile_lazily = False
+    """A default co-serving policy profiles at start-up: later, requests hold KV blocks the workers' scratch
+    batches would overwrite."""
 
     def __init__(self, compiled: "CompiledModel", model: nn.Module, dims: ParallelDims, *, tokenizer: Any = None,
                  config: Optional[EngineConfig] = None, policy: Optional["SchedulingPolicy"] = None,
@@ -65,7 +79,7 @@ class TPEngine(Engine):
         self._stopped = False
         runner = TPRegionRunner(compiled, model, dims, sharded=sharded)
         super().__init__(compiled, model, tokenizer=tokenizer, config=config,
-                         policy=policy if self.is_driver else None, runner=runner)
+                         policy=policy if self.is_driver else _MirrorPolicy(), runner=runner)
 
     @property
     def is_driver(self) -> bool:
