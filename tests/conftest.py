@@ -51,6 +51,7 @@ _FIRST = ("tests/test_readme.py", "tests/runtime/test_tp_engine.py", "tests/runt
 """Files whose tests take the longest: started first, so the two workers end together."""
 
 
+@pytest.hookimpl(tryfirst=True)       # NOTE: before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Tests on the shared embedded model run on one xdist worker, so it is loaded and compiled once; they and the
     longest files go first (a stable sort: the order within each part is kept)."""
