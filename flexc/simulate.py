@@ -155,6 +155,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-slo", type=float, default=5.0, help="queueing + TTFT seconds (default 5)")
     p.add_argument("--token-budget", type=int, default=256, help="tokens per iteration (default 256)")
     p.add_argument("--grad-accum", type=int, default=8, help="sequences per optimizer step (default 8)")
+    p.add_argument("--min-finetune-share", type=float, default=0.05,
+                   help="coserve's floor: share of the token budget (at least one backward layer) finetuning gets "
+                   "every iteration, SLO or not (default 0.05; 0 puts the SLO first)")
     p.add_argument("--seq-len", type=int, default=8192,
                    help="longest finetuning sequence and context the model is compiled for (default 8192)")
     p.add_argument("--finetune-median", type=int, default=3000,
@@ -185,6 +188,8 @@ def _config(args: argparse.Namespace) -> dict:
     if not 1 <= args.finetune_median <= args.seq_len:
         raise ValueError(f"--finetune-median must be between 1 and --seq-len ({args.seq_len}), "
                          f"got {args.finetune_median}")
+    if not 0 <= args.min_finetune_share <= 1:
+        raise ValueError(f"--min-finetune-share must be a fraction in [0, 1], got {args.min_finetune_share:g}")
     lengths = LENGTH_PRESETS[args.lengths]
     if lengths.max_total > args.seq_len:
         lengths = dataclasses.replace(lengths, max_total=args.seq_len)
@@ -192,7 +197,8 @@ def _config(args: argparse.Namespace) -> dict:
                                   min_length=min(64, args.seq_len), max_length=args.seq_len)
     cfg: dict = {"rates": args.rates, "policies": policies, "duration": args.duration, "arrivals": args.arrivals,
                  "cv": args.cv, "ttft_slo": args.ttft_slo, "token_budget": args.token_budget,
-                 "grad_accum": args.grad_accum, "seed": args.seed, "lengths": lengths, "finetune": finetune}
+                 "grad_accum": args.grad_accum, "min_finetune_share": args.min_finetune_share, "seed": args.seed,
+                 "lengths": lengths, "finetune": finetune}
     if args.trace is not None:
         rows = tuple(read_trace(args.trace))
         cfg.update(trace=rows, lengths=TraceLengths(rows, max_total=args.seq_len))

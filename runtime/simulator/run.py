@@ -79,6 +79,9 @@ class SimulationConfig:
     """Seconds from arrival to the first token (queueing included)."""
     temporal_interval: int = 4
     """``temporal``: a finetuning-only iteration after this many inference iterations."""
+    min_finetune_share: float = EngineConfig.min_finetune_share
+    """``coserve``'s floor: this fraction of the token budget (at least one backward layer) goes to finetuning in
+    every iteration while the job has work (``EngineConfig.min_finetune_share``; 0 puts the SLO first)."""
     separate_fraction: float = 0.5
     """``separate``: the share of the instances that serve."""
     instances: int = 4
@@ -109,6 +112,8 @@ class SimulationConfig:
             raise ValueError("arrivals='trace' needs the trace rows (trace=read_trace(path))")
         if not 0 < self.separate_fraction < 1:
             raise ValueError(f"separate_fraction must be in (0, 1), got {self.separate_fraction}")
+        if not 0 <= self.min_finetune_share <= 1:
+            raise ValueError(f"min_finetune_share must be a fraction in [0, 1], got {self.min_finetune_share}")
         if not isinstance(self.instances, int) or self.instances < 2:
             raise ValueError(f"instances must be an integer >= 2 (separate splits them), got {self.instances!r}")
 
@@ -222,10 +227,12 @@ class InstanceRun:
 
 def _engine(spec: InstanceSpec, config: SimulationConfig, policy: str) -> SimulatedEngine:
     latency = copy.deepcopy(spec.latency)
-    pol = make_policy(policy, latency, config.tpot_slo, config.temporal_interval)
+    pol = make_policy(policy, latency, config.tpot_slo, config.temporal_interval,
+                      min_finetune_share=config.min_finetune_share)
     ecfg = EngineConfig(kv_cache_tokens=spec.kv_tokens, block_size=config.block_size,
                         token_budget=config.token_budget, max_num_seqs=config.max_num_seqs,
-                        tpot_slo=config.tpot_slo, ttft_slo=config.ttft_slo)
+                        tpot_slo=config.tpot_slo, ttft_slo=config.ttft_slo,
+                        min_finetune_share=config.min_finetune_share)
     blocks = -(-spec.kv_tokens // config.block_size)
     return SimulatedEngine(num_layers=spec.num_layers, cost=spec.cost, latency=latency, policy=pol, config=ecfg,
                            kv_blocks=blocks, max_model_len=spec.max_model_len)

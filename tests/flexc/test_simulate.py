@@ -34,6 +34,7 @@ def test_simulate_writes_table_json_and_figure(tmp_path, capsys):
     (["--gpu", "tpu-v5"], "unknown GPU 'tpu-v5'; allowed: a100-80gb, h100, h200"),
     (["--rates", "1,-2"], "--rates must be positive"),
     (["--arrivals", "trace"], "--arrivals trace needs --trace FILE"),
+    (["--min-finetune-share", "1.5"], "--min-finetune-share must be a fraction in [0, 1], got 1.5"),
 ])
 def test_bad_input_exits_2_with_one_line(args, needle, capsys):
     """Mistakes are caught before compiling: exit status 2 and one line naming the value and what is allowed."""
