@@ -98,6 +98,9 @@ class JobStatus(str, enum.Enum):
     FAILED = "failed"
     """Stopped by an error or too many non-finite steps in a row (``error`` says why)."""
 
+    def __str__(self) -> str:          # printed and formatted as its value ("completed"), as the summary shows it
+        return self.value
+
     @property
     def finished(self) -> bool:
         return self in (JobStatus.COMPLETED, JobStatus.FAILED)

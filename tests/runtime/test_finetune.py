@@ -73,6 +73,7 @@ def test_steps_equal_peft(setup, opt):
     runner, job = _job(cm, model, data, cfg)
     drive_finetune_only(runner, job, chunk=7, window=2)
     assert job.status == JobStatus.COMPLETED and job.step == 3 and job.version == 3
+    assert f"job {job.status}" == "job completed"          # as the main job's summary prints it
     ours = {n: p.detach().clone() for n, p in runner.params.items()}
     ref_model = copy.deepcopy(model0)
     ref, ref_losses = _peft_reference(ref_model, data, cfg)

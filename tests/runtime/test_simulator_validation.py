@@ -10,8 +10,9 @@ from flexc.runtime.simulator.validation import (attainment, compare, error_line,
                                                 run_real, run_replay)
 
 BUDGET = 128
-DURATION = 30.0
-DRAIN = 30.0
+DURATION_T0 = 120
+"""The run lasts 120 full iterations of the start-up profile (30 s on a quiet machine): about 18 arrivals however
+fast the machine is today; the same again drains it."""
 
 
 def test_simulation_matches_a_real_coserving_run(smollm2_lora):
@@ -33,12 +34,13 @@ def test_simulation_matches_a_real_coserving_run(smollm2_lora):
         engine.fit_latency_model()
         t0 = full_iteration(engine.latency, BUDGET)
         engine.scheduler.policy = CoServePolicy(engine.latency, 2.5 * t0)   # refined online by the engine
-        load = make_load(rate=0.15 / t0, duration=DURATION, seed=0, vocab_size=engine.vocab_size, cv=3.0)
-        real = run_real(engine, load, duration=DURATION, drain=DRAIN, tpot_slo=2.5 * t0, ttft_slo=8 * t0)
+        duration = drain = max(30.0, DURATION_T0 * t0)
+        load = make_load(rate=0.15 / t0, duration=duration, seed=0, vocab_size=engine.vocab_size, cv=3.0)
+        real = run_real(engine, load, duration=duration, drain=drain, tpot_slo=2.5 * t0, ttft_slo=8 * t0)
     finally:
         torch.set_num_threads(threads)
     sim = run_replay(load, cost_latency=real.latency_end, policy_latency=real.latency_start, policy="coserve",
-                     duration=DURATION, drain=DRAIN, tpot_slo=2.5 * t0, ttft_slo=8 * t0, token_budget=BUDGET,
+                     duration=duration, drain=drain, tpot_slo=2.5 * t0, ttft_slo=8 * t0, token_budget=BUDGET,
                      kv_tokens=8192, max_model_len=engine.max_model_len)
     t = full_iteration(real.latency_end, BUDGET)
     real.metrics["slo_attainment"] = attainment(real.ttfts, real.tpots, real.requests, 2.5 * t, 8 * t)
