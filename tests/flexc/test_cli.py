@@ -27,8 +27,11 @@ def test_compile_writes_plan(tmp_path, capsys):
     assert "regions" in text and "layer.0" in text and "trainable" in text
 
 
-def _run(args):
-    return subprocess.run([sys.executable, "-m", "flexc.cli", *args], capture_output=True, text=True, timeout=120)
+def _main(args) -> int:
+    try:
+        return main(args)
+    except SystemExit as e:          # argparse's own errors
+        return e.code
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -40,7 +43,7 @@ def _run(args):
     (["compile", "{bad_json}"], "cannot read config"),
     (["compile", "{cfg}", "--dtype", "int8"], "invalid choice: 'int8'"),
 ])
-def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, needle):
     """Bad input exits with status 2 and a single line saying what was wrong and what is allowed."""
     cfg = write_config(tmp_path, "llama")
     gpt2 = tmp_path / "gpt2.json"
@@ -48,13 +51,24 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     args = [a.format(cfg=cfg, cfg_gpt2=gpt2, bad_json=bad) for a in args]
-    r = _run(args + ["-o", str(tmp_path / "p.json")])
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert _main(args + ["-o", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
     assert needle in lines[-1]
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in err
     if "invalid choice" not in needle:
-        assert len(lines) == 1, r.stderr
+        assert len(lines) == 1, err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_bad_input_in_a_real_process(tmp_path):
+    """The same, as a user sees it: the ``flexc`` process exits with status 2 and prints one line, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "flexc.cli", "compile", "llama-9b", "-o", str(tmp_path / "p.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
+        "flexc compile: error: unknown model 'llama-9b': not a preset (smollm2-135m, llama-3.1-8b, qwen2.5-14b, "
+        "qwen2.5-32b), a Hugging Face model directory or a config.json file"], r.stderr
 
 
 def test_recompute_budget_flag(tmp_path, capsys):
