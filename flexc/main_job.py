@@ -32,7 +32,7 @@ import time
 from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
 from flexc.runtime.metrics import percentile
-from flexc.verdict import MachineLoad, RunFacts, exit_status, judge, read_load
+from flexc.verdict import MachineLoad, RunFacts, busy_cores, exit_status, judge, read_load, threads_for
 
 if TYPE_CHECKING:
     from flexc.runtime.engine import Engine
@@ -315,8 +315,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", dest="eval_file", default=EVAL_FILE, help="JSONL of {question, keyword}")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the adapter init (default 0)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per rank (default 0: torch's choice, or the cores split over the ranks at "
-                        "--tp > 1; 1 is faster on a machine busy with other jobs)")
+                   help="torch CPU threads per rank (default 0: torch's choice on a quiet machine, the cores other "
+                        "processes leave free on a busy one, the cores split over the ranks at --tp > 1)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree: ranks started on this machine (gloo on CPU; default 1); must "
                         "divide the model's heads (SmolLM2-135M: 1 or 3)")
@@ -384,6 +384,12 @@ def main(args: argparse.Namespace) -> int:
     from flexc.runtime.tp_engine import run_tp
     # NOTE: ranks share the machine's cores; more threads than cores slows every rank down
     threads = args.threads or (max(1, (os.cpu_count() or 1) // args.tp) if args.tp > 1 else 0)
+    if not args.threads and args.tp == 1:
+        busy = busy_cores()
+        threads = threads_for(os.cpu_count() or 1, busy)
+        if threads:
+            print(f"flexc run: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: computing with "
+                  f"{threads} torch thread{'s' if threads > 1 else ''} (--threads sets it)", flush=True)
     if threads:
         torch.set_num_threads(threads)
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Optional, Sequence
 
-__all__ = ["MachineLoad", "RunFacts", "Verdict", "judge", "read_load", "exit_status"]
+__all__ = ["MachineLoad", "RunFacts", "Verdict", "judge", "read_load", "busy_cores", "threads_for", "exit_status"]
 
 BUSY_SHARE = 0.5
 """Other processes' load (runnable tasks) at or above this share of the cores counts as a busy machine."""
@@ -40,6 +41,37 @@ def read_load() -> Optional[float]:
         return os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
+
+
+def _cpu_times() -> Optional[tuple[int, int]]:
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)         # idle + iowait
+    return sum(fields[:8]), idle
+
+
+def busy_cores(sample_s: float = 0.5) -> Optional[float]:
+    """How many cores other processes keep busy right now (``/proc/stat`` sampled over ``sample_s``; unlike the
+    load average it does not lag a job that just ended), or None where there is no ``/proc/stat``."""
+    a = _cpu_times()
+    time.sleep(sample_s)
+    b = _cpu_times()
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    total, idle = b[0] - a[0], b[1] - a[1]
+    return (1 - idle / total) * (os.cpu_count() or 1)
+
+
+def threads_for(cores: int, busy: Optional[float]) -> int:
+    """Torch threads for a job beside ``busy`` busy cores: 0 (torch's choice) on a quiet machine, else the cores
+    left free, at least 1 (OpenMP threads that must wait for a core spin against the other processes and run
+    several times slower than fewer threads)."""
+    if busy is None or busy < BUSY_SHARE:
+        return 0
+    return max(1, min(cores, round(cores - busy)))
 
 
 @dataclasses.dataclass(kw_only=True)

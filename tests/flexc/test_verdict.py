@@ -1,10 +1,14 @@
 """The main job's verdict: SLO shortfalls and stalled finetuning are reported with the cause the numbers show."""
 import argparse
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
 from flexc import main_job
-from flexc.verdict import MachineLoad, RunFacts, exit_status, judge, read_load
+from flexc.verdict import MachineLoad, RunFacts, busy_cores, exit_status, judge, read_load, threads_for
 
 GOOD = dict(submitted=64, finished=64, slo_met=64, ft_status="completed", ft_steps=96, ft_total_steps=96,
             losses=[2.2, 1.5, 0.8, 0.1])
@@ -96,3 +100,22 @@ def test_strict_and_slo_target_flags():
     a = p.parse_args(["--strict", "--slo-target", "0.5"])
     assert a.strict is True and a.slo_target == 0.5
     assert read_load() >= 0.0
+
+
+def test_threads_for_a_busy_machine():
+    """Torch's own choice on a quiet machine; on a busy one the cores the others leave free, at least one."""
+    assert threads_for(2, None) == 0 and threads_for(2, 0.3) == 0
+    assert threads_for(2, 1.0) == 1 and threads_for(2, 2.0) == 1 and threads_for(2, 3.5) == 1
+    assert threads_for(16, 4.2) == 12
+
+
+def test_busy_cores_sees_a_busy_loop():
+    """A process spinning on one core is seen at once (the load average would take a minute to show it)."""
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = busy_cores(0.5)
+    finally:
+        loop.kill()
+        loop.wait()
+    assert busy is not None and 0.7 <= busy <= os.cpu_count() + 0.01
