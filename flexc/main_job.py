@@ -368,7 +368,8 @@ def main(args: argparse.Namespace) -> int:
     from flexc.ir.artifact import model_shape
     from flexc.models import resolve_model
     from flexc.passes.parallelize import check_tp
-    load_start = read_load()                # NOTE: before this job runs anything: the others' load
+    others = busy_cores()                   # NOTE: before this job runs anything: the others' load, now
+    load_start = others if others is not None else read_load()
     load, items = check_inputs(args)
     try:
         check_tp(model_shape(resolve_model("smollm2-135m")), args.tp)     # before any rank starts
@@ -385,10 +386,9 @@ def main(args: argparse.Namespace) -> int:
     # NOTE: ranks share the machine's cores; more threads than cores slows every rank down
     threads = args.threads or (max(1, (os.cpu_count() or 1) // args.tp) if args.tp > 1 else 0)
     if not args.threads and args.tp == 1:
-        busy = busy_cores()
-        threads = threads_for(os.cpu_count() or 1, busy)
+        threads = threads_for(os.cpu_count() or 1, others)
         if threads:
-            print(f"flexc run: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: computing with "
+            print(f"flexc run: other processes keep {others:.1f} of {os.cpu_count()} cores busy: computing with "
                   f"{threads} torch thread{'s' if threads > 1 else ''} (--threads sets it)", flush=True)
     if threads:
         torch.set_num_threads(threads)

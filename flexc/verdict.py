@@ -7,9 +7,10 @@ progress (no optimizer step, or the loss did not fall). :func:`judge` turns what
 the run measured (:class:`RunFacts`) into a :class:`Verdict`: the problems, in
 words, and the causes the numbers point at:
 
-* a busy machine: the 1-minute load average (``os.getloadavg``) at the start,
-  before this job ran anything, or at the end less this job's own threads, is
-  at least half the cores;
+* a busy machine: the cores other processes kept busy just before this job
+  ran anything (sampled from ``/proc/stat``, which does not lag like the load
+  average; the 1-minute load average where there is none), or the load
+  average at the end less this job's own threads, is at least half the cores;
 * iterations slower than profiled: the measured iteration times add up to at
   least ``slow_factor`` times what the latency model fitted at start-up
   predicted for the same work (a profile taken on a quiet machine and a run on
@@ -81,7 +82,8 @@ class MachineLoad:
     cores: int
     """CPU cores of the machine (``os.cpu_count()``)."""
     start: Optional[float]
-    """1-minute load average before the job built or ran anything (None: not available)."""
+    """Cores other processes kept busy before the job built or ran anything (:func:`busy_cores`, else the 1-minute
+    load average; None: not available)."""
     end: Optional[float]
     """1-minute load average when co-serving ended (this job's own threads included)."""
     own_threads: int = 1
@@ -186,9 +188,9 @@ def judge(facts: RunFacts, *, slow_factor: float = 1.25) -> Verdict:
     if v.ok:
         return v
     if facts.load is not None and facts.load.busy:
-        v.causes.append(f"a busy machine: other processes kept a load average of {v.load_others:.1f} on "
-                        f"{facts.load.cores} cores (start {_fmt(facts.load.start)}, end {_fmt(facts.load.end)} "
-                        f"with this job's {facts.load.own_threads} threads)")
+        v.causes.append(f"a busy machine: other processes kept about {v.load_others:.1f} of {facts.load.cores} "
+                        f"cores busy ({_fmt(facts.load.start)} at the start; load average {_fmt(facts.load.end)} at "
+                        f"the end with this job's {facts.load.own_threads} threads)")
     if v.slowdown is not None and v.slowdown >= slow_factor:
         v.causes.append(f"iterations took {v.slowdown:.2f}x the time the start-up latency profile predicted "
                         f"({facts.observed_s:.1f} s measured vs {facts.profiled_s:.1f} s over "

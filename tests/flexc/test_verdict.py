@@ -34,7 +34,7 @@ def test_busy_machine_run_says_what_and_why_and_strict_exits_1():
     assert v.problems == ["0% of 61 requests finished within their SLOs (5 finished), target 90%",
                           "finetuning made no progress (step 0 of 96)"]
     assert v.load_others == pytest.approx(2.3) and v.slowdown == pytest.approx(3.0)
-    assert v.causes[0].startswith("a busy machine: other processes kept a load average of 2.3 on 2 cores")
+    assert v.causes[0].startswith("a busy machine: other processes kept about 2.3 of 2 cores busy")
     assert v.causes[1].startswith("iterations took 3.00x the time the start-up latency profile predicted "
                                   "(150.0 s measured vs 50.0 s over 400 iterations)")
     lines = v.lines()
