@@ -190,7 +190,7 @@ def judge(facts: RunFacts, *, slow_factor: float = 1.25) -> Verdict:
     if facts.load is not None and facts.load.busy:
         v.causes.append(f"a busy machine: other processes kept about {v.load_others:.1f} of {facts.load.cores} "
                         f"cores busy ({_fmt(facts.load.start)} at the start; load average {_fmt(facts.load.end)} at "
-                        f"the end with this job's {facts.load.own_threads} threads)")
+                        f"the end with this job's {facts.load.own_threads} thread{'s' if facts.load.own_threads != 1 else ''})")
     if v.slowdown is not None and v.slowdown >= slow_factor:
         v.causes.append(f"iterations took {v.slowdown:.2f}x the time the start-up latency profile predicted "
                         f"({facts.observed_s:.1f} s measured vs {facts.profiled_s:.1f} s over "

@@ -91,28 +91,18 @@ class _Propagator:
                     raise ValueError(f"output {i} ({a.name}) is {self.pl[a.name]}, cannot become {want}")
                 self.need(a, want, f"output.{i}")
 
-    def _options(self, n: fx.Node, target: str) -> tuple[list[fx.Node], list, list]:
+    def _best(self, n: fx.Node, args: list[fx.Node], ins: tuple) -> tuple:
+        """The rule's option for inputs placed ``ins`` with the cheapest input redistribution (ties: listed
+        first); a pure function of the node and ``ins``, so it is cached across walks."""
+        target = str(n.target)
         rule = RULES.get(target)
         if rule is None:
             raise NoRuleError(f"no parallel placement rule for op {target} (node {n.name}); "
                               f"add one to flexc.ir.parallel_rules.RULES")
-        args = self.cache.get(("args", n))
-        if args is None:
-            args = self.cache[("args", n)] = tensor_args(n)
-        ins = [self.pl[a.name] for a in args]
-        key = ("opts", n, tuple(ins))
-        options = self.cache.get(key)
-        if options is None:
-            options = self.cache[key] = rule(n, ins, self.ctx)
+        options = rule(n, list(ins), self.ctx)
         if self.replicated(n):
             options = [(req, out) for req, out in options
                        if all(p == R for p in req) and all(p == R for p in (out if isinstance(out, tuple) else (out,)))]
-        return args, ins, options
-
-    def op(self, n: fx.Node) -> None:
-        """Place one call node: the rule's option with the cheapest input redistribution (ties: listed first)."""
-        target = str(n.target)
-        args, ins, options = self._options(n, target)
         best, best_cost = None, math.inf
         for req, out in options:
             cost = 0.0
@@ -127,6 +117,18 @@ class _Propagator:
         if best is None:
             raise NoRuleError(f"op {target} (node {n.name}): no option of its rule accepts inputs "
                               f"{[str(p) for p in ins]}")
+        return best
+
+    def op(self, n: fx.Node) -> None:
+        """Place one call node: the rule's option with the cheapest input redistribution (ties: listed first)."""
+        args = self.cache.get(("args", n))
+        if args is None:
+            args = self.cache[("args", n)] = tensor_args(n)
+        ins = tuple(self.pl[a.name] for a in args)
+        key = ("best", n, ins, self.replicated(n))
+        best = self.cache.get(key)
+        if best is None:
+            best = self.cache[key] = self._best(n, args, ins)
         req, out = best
         for a, want in zip(args, req):
             self.need(a, want, n.name)

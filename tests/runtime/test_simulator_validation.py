@@ -9,7 +9,7 @@ from flexc.runtime.policies import CoServePolicy
 from flexc.runtime.simulator.validation import (attainment, compare, error_line, full_iteration, make_load,
                                                 run_real, run_replay)
 
-BUDGET = 128
+BUDGET = 64
 DURATION_T0 = 120
 """The run lasts 120 full iterations of the start-up profile (30 s on a quiet machine): about 18 arrivals however
 fast the machine is today; the same again drains it."""
