@@ -10,9 +10,9 @@ from flexc.runtime.simulator.validation import (attainment, compare, error_line,
                                                 run_real, run_replay)
 
 BUDGET = 64
-DURATION_T0 = 120
-"""The run lasts 120 full iterations of the start-up profile (30 s on a quiet machine): about 18 arrivals however
-fast the machine is today; the same again drains it."""
+DURATION_T0 = 80
+"""The run lasts 80 full iterations of the start-up profile (about 35 s on a quiet machine): about 12 arrivals
+however fast the machine is today; the same again drains it."""
 
 
 def test_simulation_matches_a_real_coserving_run(smollm2_lora):
@@ -34,7 +34,7 @@ def test_simulation_matches_a_real_coserving_run(smollm2_lora):
         engine.fit_latency_model()
         t0 = full_iteration(engine.latency, BUDGET)
         engine.scheduler.policy = CoServePolicy(engine.latency, 2.5 * t0)   # refined online by the engine
-        duration = drain = max(30.0, DURATION_T0 * t0)
+        duration = drain = max(20.0, DURATION_T0 * t0)
         load = make_load(rate=0.15 / t0, duration=duration, seed=0, vocab_size=engine.vocab_size, cv=3.0)
         real = run_real(engine, load, duration=duration, drain=drain, tpot_slo=2.5 * t0, ttft_slo=8 * t0)
     finally:
