@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Optional
 
 from flexc.ir.graph import CompiledGraph, RegionGraph
@@ -81,9 +82,17 @@ class CompiledModel:
         }
 
     def save_plan(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.plan(), f, indent=2)
-            f.write("\n")
+        """Write plan.json whole or not at all: the plan is built first and lands by rename, so an interrupted
+        compile never leaves an empty or truncated file behind."""
+        text = json.dumps(self.plan(), indent=2) + "\n"
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def pass_report(self, name: str) -> Any:
         """The report of the last run of pass ``name`` (ValueError naming the passes that ran if it did not)."""
