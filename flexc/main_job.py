@@ -384,11 +384,13 @@ def main(args: argparse.Namespace) -> int:
 
     from flexc.runtime.tp_engine import run_tp
     # NOTE: ranks share the machine's cores; more threads than cores slows every rank down
-    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.tp) if args.tp > 1 else 0)
-    if not args.threads and args.tp == 1:
-        threads = threads_for(os.cpu_count() or 1, others)
+    cores = os.cpu_count() or 1
+    if args.threads or args.tp > 1:
+        threads = args.threads or max(1, cores // args.tp)
+    else:
+        threads = threads_for(cores, others)
         if threads:
-            print(f"flexc run: other processes keep {others:.1f} of {os.cpu_count()} cores busy: computing with "
+            print(f"flexc run: other processes keep {others:.1f} of {cores} cores busy: computing with "
                   f"{threads} torch thread{'s' if threads > 1 else ''} (--threads sets it)", flush=True)
     if threads:
         torch.set_num_threads(threads)

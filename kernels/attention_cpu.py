@@ -165,8 +165,8 @@ def paged_attention_cpu(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cach
         for sel, blocks, total in _decode_groups(list(range(T)), block_tables, context_lens):
             o, l = _decode_attention(q if len(sel) == T else q.index_select(0, sel), k_cache, v_cache, blocks,
                                      total, scale)
-            out.index_copy_(0, sel, o.to(q.dtype))
-            lse.index_copy_(1, sel, l.to(torch.float32))
+            out.index_copy_(0, sel, o)
+            lse.index_copy_(1, sel, l)
         return out, lse
     out = q.new_empty((T, Hq, v.shape[2]))
     lse = q.new_empty((Hq, T), dtype=torch.float32)
@@ -176,8 +176,8 @@ def paged_attention_cpu(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cach
         for sel, blocks, total in _decode_groups(decodes, block_tables, context_lens):
             r = rows[sel]
             o, l = _decode_attention(q.index_select(0, r), k_cache, v_cache, blocks, total, scale)
-            out.index_copy_(0, r, o.to(q.dtype))
-            lse.index_copy_(1, r, l.to(torch.float32))
+            out.index_copy_(0, r, o)
+            lse.index_copy_(1, r, l)
     for i, n in enumerate(lens):
         if n > 1:
             s, e = bounds[i], bounds[i + 1]
