@@ -12,8 +12,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from flexc.ir.spec import parse_bytes
-
 logger = logging.getLogger("flexc")
 
 _COMMANDS = {
@@ -28,6 +26,7 @@ _COMMANDS = {
 
 def _size(text: str) -> int:
     """'80GiB', '80GB', '512MiB' or a byte count -> bytes (argparse type)."""
+    from flexc.ir.spec import parse_bytes
     try:
         return int(parse_bytes(text, "size"))
     except ValueError as e:
@@ -59,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="run a user pass after the built-ins (repeatable; also a registered name or entry point)")
     p.add_argument("-o", "--output", default="plan.json", help="where to write plan.json (default ./plan.json)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="capture afresh: neither load regions from the capture cache nor keep them there")
 
 
 def _summary(cm) -> str:
@@ -81,7 +82,9 @@ def _summary(cm) -> str:
             lines.append(f"  {rec.name:<22} {rec.seconds:7.3f} s")
         for rec in cm.passes:   # a pass report may add its own section (parallelize: the tp plan)
             lines.extend(getattr(rec.report, "summary_lines", lambda: [])())
-    lines.append(f"compiled in {cm.compile_seconds:.2f} s")
+    loaded = sum(1 for r in g.regions.values() if "load" in r.captured.seconds)
+    lines.append(f"compiled in {cm.compile_seconds:.2f} s"
+                 + (f" ({loaded} of {len(g.regions)} regions loaded from the capture cache)" if loaded else ""))
     return "\n".join(lines)
 
 
@@ -123,7 +126,8 @@ def main_compile(args: argparse.Namespace) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ValueError(f"cannot write {args.output}: directory {out_dir} does not exist")
-    cm = flexc.compile(args.model, lora=lora, dtype=args.dtype, seq_len=args.seq_len, passes=args.passes, **options)
+    cm = flexc.compile(args.model, lora=lora, dtype=args.dtype, seq_len=args.seq_len, passes=args.passes,
+                       cache=not args.no_cache, **options)
     cm.save_plan(args.output)
     print(_summary(cm))
     print(f"wrote {args.output}")
@@ -139,13 +143,18 @@ def _version() -> str:
         return flexc.__version__
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser; only the command named in ``argv`` gets its options (and its module imported): importing all
+    five pulls in torch, transformers and the server's libraries, seconds before anything runs."""
     parser = argparse.ArgumentParser(prog="flexc", description="co-serve LLM inference and LoRA finetuning")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every phase")
     parser.add_argument("--version", action="version", version=f"flexc {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    chosen = next((a for a in argv if a in _COMMANDS), None)
     for name, (mod_name, help_text) in _COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name != chosen:
+            continue
         if mod_name is None:
             add_arguments(sp)
             sp.set_defaults(func=main_compile)
@@ -158,8 +167,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``flexc`` console script."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     _quiet_libraries()

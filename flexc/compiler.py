@@ -13,13 +13,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from flexc.capture_cache import CaptureCache, capture_key
 from flexc.ir.artifact import CompiledModel, model_shape
 from flexc.ir.capture import capture_region, fake_mode
 from flexc.ir.graph import CompiledGraph, RegionGraph, annotate
-from flexc.ir.regions import (TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts,
-                              layer_signature)
+from flexc.ir.regions import TOKEN_INPUTS, EmbedRegion, HeadRegion, LayerRegion, LogitsRegion, causal_lm_parts
 from flexc.ir.spec import LoraSpec, ModelSource, parse_dtype
-from flexc.models import DEFAULT_MODEL, build_fake_model, resolve_model
+from flexc.models import DEFAULT_MODEL, FakeTemplates, build_fake_templates, resolve_model
 from flexc.passes.manager import PassContext, PassManager
 
 logger = logging.getLogger(__name__)
@@ -47,54 +47,66 @@ def _example_inputs(cfg: Any, mode: Any, seq_len: int, dtype: torch.dtype):
     return ids, pos, h, cos, sin, cu_t, labels
 
 
-def _model_summary(source: ModelSource, model: torch.nn.Module, dtype: str) -> dict:
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {**model_shape(source), "dtype": dtype, "parameters": params, "trainable_parameters": trainable}
+def _model_summary(source: ModelSource, fake: FakeTemplates, dtype: str) -> dict:
+    return {**model_shape(source), "dtype": dtype, "parameters": fake.parameters,
+            "trainable_parameters": fake.trainable_parameters}
 
 
-def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str, seq_len: int) -> CompiledGraph:
-    """Capture embed, one template per distinct decoder-layer structure, head and logits regions."""
+def _arg_spec(t: torch.Tensor) -> list:
+    return [list(t.shape), str(t.dtype), bool(t.requires_grad)]
+
+
+def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str, seq_len: int,
+                  cache: Optional[CaptureCache] = None) -> CompiledGraph:
+    """Capture embed, one template per distinct decoder-layer structure, head and logits regions (each loaded
+    from ``cache`` instead when it holds the same capture, and kept there otherwise)."""
+    cache = cache or CaptureCache(None)
     mode = fake_mode()
-    model = build_fake_model(source, lora, dtype, mode)
-    lm = causal_lm_parts(model)
+    fake = build_fake_templates(source, lora, dtype, mode)
+    lm = causal_lm_parts(fake.model)
     ids, pos, h, cos, sin, cu, labels = _example_inputs(source.config, mode, seq_len, parse_dtype(dtype))
     trainable = lora is not None
     regions: dict[str, RegionGraph] = {}
 
+    config = source.config.to_dict()
+
     def add(name: str, kind: str, module, args, grad: bool, layers=()):
         t0 = time.perf_counter()
-        cap = capture_region(module, args, dynamic_inputs=range(len(args)), token_inputs=TOKEN_INPUTS[kind],
-                             trainable=grad)
+        key = capture_key({"region": name, "kind": kind, "config": config, "lora": lora.to_dict() if lora else None,
+                           "dtype": dtype, "trainable": grad, "args": [_arg_spec(a) for a in args]})
+        cap = cache.load(key)
+        if cap is None:
+            cap = capture_region(module, args, dynamic_inputs=range(len(args)), token_inputs=TOKEN_INPUTS[kind],
+                                 trainable=grad)
+            cache.store(key, cap)
+        how = "loaded" if "load" in cap.seconds else "captured"
         regions[name] = annotate(RegionGraph(name=name, captured=cap, layers=list(layers)))
-        logger.info("captured %s in %.2f s (%d fw nodes)", name, time.perf_counter() - t0, len(cap.fw.graph.nodes))
+        logger.info("%s %s in %.2f s (%d fw nodes)", how, name, time.perf_counter() - t0, len(cap.fw.graph.nodes))
 
     add("embed", "embed", EmbedRegion(lm), (ids, pos), False)
     # NOTE: one template per equivalence class of layers; the signature holds every constant a capture bakes in
-    classes: dict[tuple, list[int]] = {}
-    for i, layer in enumerate(lm.model.layers):
-        classes.setdefault(layer_signature(layer), []).append(i)
-    layer_regions = [""] * len(lm.model.layers)
-    for members in classes.values():
+    layer_regions = [""] * source.config.num_hidden_layers
+    for layer, members in zip(lm.model.layers, fake.members):
         name = f"layer.{members[0]}"
-        add(name, "layer", LayerRegion(lm.model.layers[members[0]]), (h, cos, sin, cu), trainable, members)
+        add(name, "layer", LayerRegion(layer), (h, cos, sin, cu), trainable, members)
         for i in members:
             layer_regions[i] = name
     add("head", "head", HeadRegion(lm), (h, labels), trainable)
     add("logits", "logits", LogitsRegion(lm), (h,), False)
-    return CompiledGraph(regions=regions, layer_regions=layer_regions, model=_model_summary(source, model, dtype),
+    return CompiledGraph(regions=regions, layer_regions=layer_regions, model=_model_summary(source, fake, dtype),
                          lora=lora.to_dict() if lora else None)
 
 
 def compile(model: Any = DEFAULT_MODEL, *, lora: Any = True, dtype: Optional[str] = None, seq_len: int = 2048,
-            passes: Sequence[Any] = (), builtin_passes: Optional[Sequence[str]] = None,
+            passes: Sequence[Any] = (), builtin_passes: Optional[Sequence[str]] = None, cache: bool = True,
             **options: Any) -> CompiledModel:
     """Capture ``model`` (name, path or :class:`ModelSource`) with LoRA and run the pass pipeline.
 
     ``lora``: True (r=16, alpha=16, all seven projections), a :class:`LoraSpec`, a dict of its fields,
     a ``peft.LoraConfig``, or None for the base model only. ``dtype`` defaults to bf16 for presets and
     fp32 for models with weights. ``passes`` are user passes run after the built-ins; ``options``
-    reach every pass as ``ctx.options`` (e.g. ``activation_budget``, ``device_memory``, ``tp``).
+    reach every pass as ``ctx.options`` (e.g. ``activation_budget``, ``device_memory``, ``tp``). ``cache``:
+    load regions captured before from the capture cache (:mod:`flexc.capture_cache`) and keep new ones there.
     """
     t0 = time.perf_counter()
     source = model if isinstance(model, ModelSource) else resolve_model(model)
@@ -103,7 +115,7 @@ def compile(model: Any = DEFAULT_MODEL, *, lora: Any = True, dtype: Optional[str
     parse_dtype(dtype)
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-    graph = capture_model(source, spec, dtype, seq_len)
+    graph = capture_model(source, spec, dtype, seq_len, CaptureCache.default(cache))
     pipeline = list(DEFAULT_PASSES if builtin_passes is None else builtin_passes) + list(passes)
     ctx = PassContext(options={"seq_len": seq_len, "dtype": dtype, **options})
     records = PassManager(pipeline).run(graph, ctx)

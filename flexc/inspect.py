@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any
 
-from flexc.ir.artifact import SCHEMA_VERSION
+from flexc.ir.schema import SCHEMA_VERSION
 
 __all__ = ["add_arguments", "main", "load_plan", "summarize", "format_tables", "write_png", "format_pareto",
            "write_pareto_png"]
@@ -146,7 +146,7 @@ def format_tables(s: dict) -> str:
         out.append(f"  KV cache tokens left for inference: {s['kv_tokens_for_inference']:,} "
                    f"({_size(s['kv_cache_bytes_per_token'])}/token)")
     if s.get("serving"):
-        from flexc.passes.serve import serving_summary_lines     # NOTE: torch loads only for this section
+        from flexc.passes.serve_summary import serving_summary_lines
         out += ["", *serving_summary_lines(s["serving"])]
     return "\n".join(out)
 

@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -34,8 +35,8 @@ from flexc.ir.spec import LoraSpec, ModelSource, parse_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["resolve_model", "build_fake_model", "load_model", "load_tokenizer", "PRESETS", "SUPPORTED_ARCHITECTURES",
-           "DEFAULT_MODEL"]
+__all__ = ["resolve_model", "build_fake_model", "build_fake_templates", "FakeTemplates", "load_model",
+           "load_tokenizer", "PRESETS", "SUPPORTED_ARCHITECTURES", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2-135m"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -155,12 +156,58 @@ def _wrap_lora(model: nn.Module, lora: Optional[LoraSpec]) -> nn.Module:
 
 def build_fake_model(source: ModelSource, lora: Optional[LoraSpec], dtype: Any, mode: Any) -> nn.Module:
     """The (PEFT-wrapped) model with FakeTensor weights in ``mode``: shapes only, no memory."""
+    return _fake(_meta_model(source, dtype), lora, mode)
+
+
+@dataclass
+class FakeTemplates:
+    """What capture needs of a model: the (PEFT-wrapped, FakeTensor) model with ONE decoder layer per class of
+    equal layers, which layers of the full model each kept layer stands for, and the full model's sizes."""
+
+    model: nn.Module
+    members: list[list[int]]
+    """``members[k]``: indices (in the full model) of the layers the k-th kept layer stands for."""
+    parameters: int
+    trainable_parameters: int
+
+
+def build_fake_templates(source: ModelSource, lora: Optional[LoraSpec], dtype: Any, mode: Any) -> FakeTemplates:
+    """Like :func:`build_fake_model`, but wraps and fakes only one decoder layer per class of equal layers.
+
+    NOTE: classes are found on the base (meta) layers; a :class:`LoraSpec` adapts every layer alike, so the
+    wrapped layers fall into the same classes. Wrapping and faking the 64 layers of a 32B preset took 10 s
+    here; one layer takes a fraction of a second.
+    """
+    from flexc.ir.regions import causal_lm_parts, layer_signature
+    model = _meta_model(source, dtype)
+    layers = causal_lm_parts(model).model.layers
+    classes: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(layers):
+        classes.setdefault(layer_signature(layer), []).append(i)
+    members = list(classes.values())
+    base_total = sum(p.numel() for p in model.parameters())
+    causal_lm_parts(model).model.layers = nn.ModuleList([layers[m[0]] for m in members])
+    model = _fake(model, lora, mode)
+    kept = causal_lm_parts(model).model.layers
+    trainable = sum(p.numel() * len(m) for layer, m in zip(kept, members)
+                    for p in layer.parameters() if p.requires_grad)
+    trainable += sum(p.numel() for name, p in model.named_parameters()
+                     if p.requires_grad and ".layers." not in name)
+    return FakeTemplates(model=model, members=members, parameters=base_total + trainable,
+                         trainable_parameters=trainable)
+
+
+def _meta_model(source: ModelSource, dtype: Any) -> nn.Module:
     from transformers import AutoModelForCausalLM
     dt = parse_dtype(dtype)
     cfg = _prepare_config(source, dt)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
     model.eval()   # as load_model: the template's constants (training flag) must match the real layers
+    return model
+
+
+def _fake(model: nn.Module, lora: Optional[LoraSpec], mode: Any) -> nn.Module:
     with _quiet_load():
         model = _wrap_lora(model, lora)
     with mode:

@@ -13,12 +13,10 @@ import os
 from typing import Any, Optional
 
 from flexc.ir.graph import CompiledGraph, RegionGraph
+from flexc.ir.schema import SCHEMA_VERSION
 from flexc.ir.spec import LoraSpec, ModelSource
 
 __all__ = ["CompiledModel", "PassRecord", "SCHEMA_VERSION", "model_shape", "report_to_dict", "pass_report"]
-
-SCHEMA_VERSION = 1
-"""Version of ``plan.json``; ``flexc inspect`` refuses other versions."""
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -23,7 +23,9 @@ backward graph returns the region's gradients, for any token count T.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
+import warnings
 from typing import Any, Optional, Sequence
 
 import sympy
@@ -40,10 +42,12 @@ from torch._functorch.aot_autograd import (aot_compile_joint_with_descriptors,
 from torch._functorch.partitioners import _extract_fwd_bwd_modules, default_partition
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export._trace import _extract_fake_inputs
+from torch.fx._graph_pickler import GraphPickler, Options
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from flexc.ir.vocab import CapturedRegion, InputKind, InputRef, OutputKind, OutputRef
 
-__all__ = ["capture_region", "partition_joint", "fake_mode"]
+__all__ = ["capture_region", "partition_joint", "fake_mode", "dump_captured", "load_captured"]
 
 
 def fake_mode() -> FakeTensorMode:
@@ -201,6 +205,34 @@ def capture_region(region: nn.Module, example_args: Sequence[torch.Tensor], *,
         fw=fw, bw=bw, joint=rec.get("joint"), num_fwd_outputs=rec.get("num_fwd_outputs", num_user),
         num_user_outputs=num_user, token_exprs=_token_exprs(fw, dyn_mode.shape_env, token_inputs),
         shape_env=dyn_mode.shape_env, seconds=seconds)
+
+
+def dump_captured(captured: CapturedRegion) -> bytes:
+    """``captured`` as bytes: its graphs with every node's metadata (FakeTensor values with their symbolic
+    shapes, descriptors, flexc refs) and the shape environment they share. Dump before passes annotate it.
+
+    NOTE: this is a pickle (torch's GraphPickler, which also keeps flexc's own ops): load only bytes this
+    machine's user wrote.
+    """
+    keep_all = Options(ops_filter=None, node_metadata_key_filter=None)   # flexc's ops; module stacks name roles
+    return GraphPickler.dumps(dataclasses.replace(captured, seconds={}), keep_all)
+
+
+def load_captured(data: bytes) -> CapturedRegion:
+    """The :class:`CapturedRegion` :func:`dump_captured` wrote, in a fresh fake mode and shape environment,
+    with runnable graphs (regenerated from the graphs, as the capture made them)."""
+    t0 = time.perf_counter()
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)     # torch's own pytree deprecation, inside loads
+        captured = GraphPickler.loads(data, mode)
+    if not isinstance(captured, CapturedRegion):
+        raise ValueError(f"not a captured region: {type(captured).__name__}")
+    for g in (captured.fw, captured.bw, captured.joint):
+        if g is not None:
+            g.recompile()
+    captured.seconds = {"load": time.perf_counter() - t0}
+    return captured
 
 
 def _boxed(g: fx.GraphModule):

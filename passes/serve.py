@@ -45,6 +45,7 @@ from flexc.ir.saved import SlotKind, saved_slots
 from flexc.ir.vocab import CapturedRegion, InputKind, InputRef, OutputKind, OutputRef, evaluate_at
 from flexc.passes.manager import PassContext, define_pass
 from flexc.passes.multi_lora import rewrite_multi_lora
+from flexc.passes.serve_summary import serving_summary_lines
 
 logger = logging.getLogger(__name__)
 
@@ -94,20 +95,6 @@ class ServeReport:
     def summary_lines(self) -> list[str]:
         """The serving section of ``flexc compile``'s summary."""
         return serving_summary_lines(self.to_dict())
-
-
-def serving_summary_lines(report: dict) -> list[str]:
-    """The serving section of a summary, from the report as plan.json holds it (``flexc inspect`` reads that)."""
-    lines = ["serving graphs (one call per layer and iteration for every token)"]
-    for name, info in report.get("regions", {}).items():
-        kinds = ", ".join(f"{k} {n}" for k, n in info["placeholders"].items())
-        lines.append(f"  {name:<10} {info['num_nodes']:5d} nodes, {len(info['lora_linears'])} flexc::lora, "
-                     f"{info['saved_outputs']} outputs for the backward "
-                     f"({info['saved_bytes_per_finetuning_token']:,.0f} B per finetuning token)")
-        lines.append(f"  {'':<10} placeholders: {kinds}")
-    if report.get("sharded_regions"):
-        lines.append(f"  sharded serving graphs (tp > 1): {', '.join(report['sharded_regions'])}")
-    return lines
 
 
 def _placeholder(graph: fx.Graph, after: fx.Node, name: str, kind: InputKind) -> fx.Node:

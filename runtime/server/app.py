@@ -126,8 +126,10 @@ def _adapter_routes(app: FastAPI, worker: EngineWorker, settings: "ServerSetting
             raise APIError(400, f"lora_name {body.lora_name!r} is not allowed: 1-64 of letters, digits and ._-, "
                            "starting with a letter or digit", param="lora_name")
         path = resolve_lora_path(body.lora_path, settings.allowed_dirs_real)
-        await asyncio.wrap_future(worker.call(worker.catalog.load, body.lora_name, path, inplace=body.load_inplace))
-        worker.call(worker.refresh_models)
+        # NOTE: the /v1/models snapshot is rebuilt in the same worker call, before the reply: a client listing the
+        # models right after this call sees the new version
+        await asyncio.wrap_future(worker.call(_then_refresh(worker, worker.catalog.load), body.lora_name, path,
+                                              inplace=body.load_inplace))
         verb = "replaced" if body.load_inplace else "added"
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' {verb} successfully.")
 
@@ -135,10 +137,18 @@ def _adapter_routes(app: FastAPI, worker: EngineWorker, settings: "ServerSetting
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> Response:
         if settings.tp > 1:
             raise APIError(400, f"Unloading adapters is not supported at tp={settings.tp} yet.", code="unsupported")
-        await asyncio.wrap_future(worker.call(worker.catalog.unload, body.lora_name))
-        worker.call(worker.refresh_models)
+        await asyncio.wrap_future(worker.call(_then_refresh(worker, worker.catalog.unload), body.lora_name))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+
+
+def _then_refresh(worker: EngineWorker, change: Callable[..., Any]) -> Callable[..., Any]:
+    """``change`` followed, in the same worker call, by a rebuild of the ``GET /v1/models`` snapshot."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        result = change(*args, **kwargs)
+        worker.refresh_models()
+        return result
+    return run
 
 
 def _file_routes(app: FastAPI, files: FileRegistry, jobs: Callable[[], JobManager]) -> None:

@@ -1,0 +1,103 @@
+"""The capture cache: a compile loaded from it is the compile captured afresh (same graphs, same plan, PEFT's
+numbers at run time), and it never serves a capture made for other inputs or from a damaged entry."""
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+import flexc
+from flexc.capture_cache import CaptureCache, capture_key
+from flexc.cli import main as cli_main
+from flexc.ir.spec import LoraSpec
+from flexc.models import load_model, resolve_model
+from tests.runtime.test_regions import LENS, _parity
+from tests.utils import randomize_lora, rel_err, write_config
+
+
+def _rounded(x):
+    """A plan with floats at 9 significant digits (sums over sets of nodes may be added in another order)."""
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items() if k not in ("seconds", "compile_seconds")}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return float(f"{x:.9g}") if isinstance(x, float) else x
+
+
+def _loaded(cm) -> list[str]:
+    return [name for name, r in cm.graph.regions.items() if "load" in r.captured.seconds]
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("FLEXC_CACHE_DIR", str(path))
+    monkeypatch.delenv("FLEXC_CAPTURE_CACHE", raising=False)
+    return path
+
+
+def test_loaded_compile_equals_fresh_and_matches_peft(tmp_path, cache_dir):
+    """The second compile loads all four regions; graphs and plan equal the first; run with real weights the
+    loaded graphs give PEFT's logits (1e-5) and LoRA gradients (1e-4)."""
+    src = resolve_model(write_config(tmp_path, "qwen2"))
+    spec = LoraSpec(r=4, alpha=8)
+    fresh = flexc.compile(src, lora=spec, seq_len=16)
+    loaded = flexc.compile(src, lora=spec, seq_len=16)
+    assert _loaded(fresh) == [] and _loaded(loaded) == ["embed", "layer.0", "head", "logits"]
+    assert len(os.listdir(cache_dir / "captures")) == 4
+    for name, r in fresh.graph.regions.items():
+        other = loaded.graph.regions[name]
+        assert r.fw.code == other.fw.code, name
+        assert (r.bw is None) == (other.bw is None) and (r.bw is None or r.bw.code == other.bw.code), name
+    assert _rounded(fresh.plan()) == _rounded(loaded.plan())
+    model = load_model(src, spec, "fp32", seed=3)
+    randomize_lora(model)
+    logits, ref_logits, step, ref_grads, ref_loss = _parity(loaded, model, LENS, src.config.vocab_size)
+    assert rel_err(logits, ref_logits) < 1e-5
+    assert torch.allclose(step.loss_sum, ref_loss, rtol=1e-5)
+    assert max(rel_err(step.grads[k], g) for k, g in ref_grads.items()) < 1e-4
+
+
+def test_other_inputs_get_other_keys():
+    """Each input of a capture is in its key: region, config, LoRA spec, dtype, training, example shapes."""
+    base = {"region": "layer.0", "kind": "layer", "config": {"hidden_size": 64}, "lora": {"r": 4},
+            "dtype": "fp32", "trainable": True, "args": [[[16, 64], "torch.float32", True]]}
+    variants = [{"region": "layer.1"}, {"config": {"hidden_size": 128}}, {"lora": {"r": 8}}, {"lora": None},
+                {"dtype": "bf16"}, {"trainable": False}, {"args": [[[32, 64], "torch.float32", True]]}]
+    keys = {capture_key(base)} | {capture_key({**base, **v}) for v in variants}
+    assert len(keys) == 1 + len(variants)
+    assert capture_key(dict(base)) == capture_key(base)
+
+
+def test_damaged_entry_is_captured_again(tmp_path, cache_dir, caplog):
+    """An entry that does not load costs a capture (with a warning), never a compile, and is rewritten."""
+    path = write_config(tmp_path, "llama", num_hidden_layers=1)
+    spec = LoraSpec(r=2, targets=("down_proj",))
+    flexc.compile(path, lora=spec, seq_len=8)
+    entries = sorted((cache_dir / "captures").iterdir())
+    for e in entries:
+        e.write_bytes(b"not a pickle")
+    with caplog.at_level(logging.WARNING, logger="flexc.capture_cache"):
+        cm = flexc.compile(path, lora=spec, seq_len=8)
+    assert _loaded(cm) == [] and "ignoring" in caplog.text
+    assert all(e.read_bytes() != b"not a pickle" for e in entries)
+    assert _loaded(flexc.compile(path, lora=spec, seq_len=8)) == ["embed", "layer.0", "head", "logits"]
+
+
+def test_disabled_cache_keeps_nothing(tmp_path, cache_dir, monkeypatch, capsys):
+    """``flexc compile --no-cache`` (``cache=False``) and ``FLEXC_CAPTURE_CACHE=0`` neither read nor write; the
+    summary says when regions came from the cache."""
+    path = write_config(tmp_path, "llama", num_hidden_layers=1)
+    args = [path, "--lora-r", "2", "--lora-targets", "q_proj", "--seq-len", "8", "-o", str(tmp_path / "plan.json")]
+    assert cli_main(["compile", *args, "--no-cache"]) == 0
+    assert not (cache_dir / "captures").exists() and "capture cache" not in capsys.readouterr().out
+    monkeypatch.setenv("FLEXC_CAPTURE_CACHE", "0")
+    assert CaptureCache.default().directory is None
+    monkeypatch.delenv("FLEXC_CAPTURE_CACHE")
+    assert CaptureCache.default(enabled=False).directory is None
+    assert CaptureCache.default().directory == str(cache_dir / "captures")
+    assert cli_main(["compile", *args]) == 0 and "capture cache" not in capsys.readouterr().out
+    assert cli_main(["compile", *args]) == 0
+    assert "(4 of 4 regions loaded from the capture cache)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "plan.json").read_text())["model"]["num_layers"] == 1
