@@ -36,14 +36,16 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not self.alpha or self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
+        self.alpha = float(self.alpha)      # NOTE: one spelling of a spec (8 and 8.0 are one capture, one cache key)
         self.targets = tuple(self.targets)
         if not self.targets:
             raise ValueError(f"LoRA targets must name at least one of {', '.join(LORA_TARGETS)}")
         bad = [t for t in self.targets if t not in LORA_TARGETS]
         if bad:
             raise ValueError(f"LoRA target {bad[0]!r} matches no module; allowed: {', '.join(LORA_TARGETS)}")
+        self.targets = tuple(sorted(set(self.targets), key=_target_order))
 
     @classmethod
     def coerce(cls, lora: Any) -> Optional["LoraSpec"]:

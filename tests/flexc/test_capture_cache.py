@@ -29,21 +29,32 @@ def _loaded(cm) -> list[str]:
     return [name for name, r in cm.graph.regions.items() if "load" in r.captured.seconds]
 
 
-@pytest.fixture()
-def cache_dir(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv("FLEXC_CACHE_DIR", str(path))
-    monkeypatch.delenv("FLEXC_CAPTURE_CACHE", raising=False)
-    return path
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One capture cache for this file's tests (in their order: each starts from what the one before left)."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("capture-cache")
+    mp.setenv("FLEXC_CACHE_DIR", str(path))
+    mp.delenv("FLEXC_CAPTURE_CACHE", raising=False)
+    yield path
+    mp.undo()
 
 
-def test_loaded_compile_equals_fresh_and_matches_peft(tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("config"), "qwen2")
+
+
+SPEC = LoraSpec(r=4, alpha=8)
+CLI_ARGS = ["--lora-r", "4", "--lora-alpha", "8", "--seq-len", "16"]
+
+
+def test_loaded_compile_equals_fresh_and_matches_peft(config, cache_dir):
     """The second compile loads all four regions; graphs and plan equal the first; run with real weights the
     loaded graphs give PEFT's logits (1e-5) and LoRA gradients (1e-4)."""
-    src = resolve_model(write_config(tmp_path, "qwen2"))
-    spec = LoraSpec(r=4, alpha=8)
-    fresh = flexc.compile(src, lora=spec, seq_len=16)
-    loaded = flexc.compile(src, lora=spec, seq_len=16)
+    src = resolve_model(config)
+    fresh = flexc.compile(src, lora=SPEC, seq_len=16)
+    loaded = flexc.compile(src, lora=SPEC, seq_len=16)
     assert _loaded(fresh) == [] and _loaded(loaded) == ["embed", "layer.0", "head", "logits"]
     assert len(os.listdir(cache_dir / "captures")) == 4
     for name, r in fresh.graph.regions.items():
@@ -51,7 +62,7 @@ def test_loaded_compile_equals_fresh_and_matches_peft(tmp_path, cache_dir):
         assert r.fw.code == other.fw.code, name
         assert (r.bw is None) == (other.bw is None) and (r.bw is None or r.bw.code == other.bw.code), name
     assert _rounded(fresh.plan()) == _rounded(loaded.plan())
-    model = load_model(src, spec, "fp32", seed=3)
+    model = load_model(src, SPEC, "fp32", seed=3)
     randomize_lora(model)
     logits, ref_logits, step, ref_grads, ref_loss = _parity(loaded, model, LENS, src.config.vocab_size)
     assert rel_err(logits, ref_logits) < 1e-5
@@ -70,34 +81,30 @@ def test_other_inputs_get_other_keys():
     assert capture_key(dict(base)) == capture_key(base)
 
 
-def test_damaged_entry_is_captured_again(tmp_path, cache_dir, caplog):
+def test_cli_says_what_it_loaded_and_no_cache_keeps_out(config, cache_dir, tmp_path, monkeypatch, capsys):
+    """``flexc compile`` of what the test above compiled loads every region and says so; ``--no-cache`` captures
+    afresh and leaves the cache as it was; ``FLEXC_CAPTURE_CACHE=0`` and ``cache=False`` turn it off."""
+    args = [config, *CLI_ARGS, "-o", str(tmp_path / "plan.json")]
+    before = {e.name: e.stat().st_mtime_ns for e in (cache_dir / "captures").iterdir()}
+    assert cli_main(["compile", *args]) == 0
+    assert "(4 of 4 regions loaded from the capture cache)" in capsys.readouterr().out
+    assert cli_main(["compile", *args, "--no-cache"]) == 0
+    assert "capture cache" not in capsys.readouterr().out
+    assert {e.name: e.stat().st_mtime_ns for e in (cache_dir / "captures").iterdir()} == before
+    assert json.loads((tmp_path / "plan.json").read_text())["model"]["num_layers"] == 3
+    assert CaptureCache.default().directory == str(cache_dir / "captures")
+    assert CaptureCache.default(enabled=False).directory is None
+    monkeypatch.setenv("FLEXC_CAPTURE_CACHE", "0")
+    assert CaptureCache.default().directory is None
+
+
+def test_damaged_entry_is_captured_again(config, cache_dir, caplog):
     """An entry that does not load costs a capture (with a warning), never a compile, and is rewritten."""
-    path = write_config(tmp_path, "llama", num_hidden_layers=1)
-    spec = LoraSpec(r=2, targets=("down_proj",))
-    flexc.compile(path, lora=spec, seq_len=8)
     entries = sorted((cache_dir / "captures").iterdir())
     for e in entries:
         e.write_bytes(b"not a pickle")
     with caplog.at_level(logging.WARNING, logger="flexc.capture_cache"):
-        cm = flexc.compile(path, lora=spec, seq_len=8)
+        cm = flexc.compile(config, lora=SPEC, seq_len=16)
     assert _loaded(cm) == [] and "ignoring" in caplog.text
     assert all(e.read_bytes() != b"not a pickle" for e in entries)
-    assert _loaded(flexc.compile(path, lora=spec, seq_len=8)) == ["embed", "layer.0", "head", "logits"]
-
-
-def test_disabled_cache_keeps_nothing(tmp_path, cache_dir, monkeypatch, capsys):
-    """``flexc compile --no-cache`` (``cache=False``) and ``FLEXC_CAPTURE_CACHE=0`` neither read nor write; the
-    summary says when regions came from the cache."""
-    path = write_config(tmp_path, "llama", num_hidden_layers=1)
-    args = [path, "--lora-r", "2", "--lora-targets", "q_proj", "--seq-len", "8", "-o", str(tmp_path / "plan.json")]
-    assert cli_main(["compile", *args, "--no-cache"]) == 0
-    assert not (cache_dir / "captures").exists() and "capture cache" not in capsys.readouterr().out
-    monkeypatch.setenv("FLEXC_CAPTURE_CACHE", "0")
-    assert CaptureCache.default().directory is None
-    monkeypatch.delenv("FLEXC_CAPTURE_CACHE")
-    assert CaptureCache.default(enabled=False).directory is None
-    assert CaptureCache.default().directory == str(cache_dir / "captures")
-    assert cli_main(["compile", *args]) == 0 and "capture cache" not in capsys.readouterr().out
-    assert cli_main(["compile", *args]) == 0
-    assert "(4 of 4 regions loaded from the capture cache)" in capsys.readouterr().out
-    assert json.loads((tmp_path / "plan.json").read_text())["model"]["num_layers"] == 1
+    assert _loaded(flexc.compile(config, lora=SPEC, seq_len=16)) == ["embed", "layer.0", "head", "logits"]
