@@ -126,7 +126,10 @@ def main_compile(args: argparse.Namespace) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ValueError(f"cannot write {args.output}: directory {out_dir} does not exist")
-    cm = flexc.compile(args.model, lora=lora, dtype=args.dtype, seq_len=args.seq_len, passes=args.passes,
+    from flexc.models import resolve_model
+    source = resolve_model(args.model)    # NOTE: a bad model name fails here, before the progress line
+    print(f"flexc compile: {source.name}: regions, then passes ...", flush=True)
+    cm = flexc.compile(source, lora=lora, dtype=args.dtype, seq_len=args.seq_len, passes=args.passes,
                        cache=not args.no_cache, **options)
     cm.save_plan(args.output)
     print(_summary(cm))

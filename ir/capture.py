@@ -47,7 +47,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from flexc.ir.vocab import CapturedRegion, InputKind, InputRef, OutputKind, OutputRef
 
-__all__ = ["capture_region", "partition_joint", "fake_mode", "dump_captured", "load_captured"]
+__all__ = ["capture_region", "partition_joint", "fake_mode", "dump_captured", "load_captured", "compile_dynamic"]
 
 
 def fake_mode() -> FakeTensorMode:
@@ -233,6 +233,23 @@ def load_captured(data: bytes) -> CapturedRegion:
             g.recompile()
     captured.seconds = {"load": time.perf_counter() - t0}
     return captured
+
+
+def compile_dynamic(gm: fx.GraphModule) -> Any:
+    """``gm`` through ``torch.compile`` (Inductor), compiled once for every batch size.
+
+    A serving graph's inputs change size every iteration (tokens, sequences, segments, finetuning rows); with
+    ``dynamic=True`` alone Dynamo still specializes sizes it first sees as 0 or 1 and ties sizes that happen to
+    be equal ("duck sizing"), so batches with no finetuning rows, one sequence or as many segments as sequences
+    each recompiled (six compiles in one co-serving test). Each call runs with both turned off.
+    """
+    from torch.fx.experimental import _config as shape_config
+    compiled = torch.compile(gm, dynamic=True, fullgraph=True)
+
+    def run(*args: Any) -> Any:
+        with shape_config.patch(use_duck_shape=False, backed_size_oblivious=True):
+            return compiled(*args)
+    return run
 
 
 def _boxed(g: fx.GraphModule):

@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from flexc.ir.capture import compile_dynamic
 from flexc.ir.program import bind_inputs
 from flexc.ir.spec import KVCacheSpec
 from flexc.ir.vocab import InputKind, InputRef
@@ -185,7 +186,7 @@ class Executor:
     def _callable(self, gm: fx.GraphModule) -> Callable[..., Any]:
         if self.backend == "eager":
             return gm.forward
-        return torch.compile(gm, dynamic=True, fullgraph=True)
+        return compile_dynamic(gm)
 
     def _bind_layer(self, i: int, gm: fx.GraphModule, fn: Callable[..., Any]) -> _LayerCall:
         """Layer i's serving-graph call with its weights, adapter stacks and scalings bound (the stacks never

@@ -15,6 +15,8 @@ from flexc.models import load_model, resolve_model
 from tests.runtime.test_regions import LENS, _parity
 from tests.utils import randomize_lora, rel_err, write_config
 
+pytestmark = pytest.mark.xdist_group("capture_cache")     # one worker: each test starts from what the one before left
+
 
 def _rounded(x):
     """A plan with floats at 9 significant digits (sums over sets of nodes may be added in another order)."""
