@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from flexc.gguf_cache import cache_root
+from flexc.ir.artifact import write_whole
 from flexc.ir.capture import dump_captured, load_captured
 from flexc.ir.vocab import CapturedRegion
 
@@ -89,15 +90,8 @@ class CaptureCache:
         """Keep ``captured`` under ``key`` (a cache that cannot be written is skipped with a warning)."""
         if self.directory is None:
             return
-        tmp = f"{self._path(key)}.tmp-{os.getpid()}"
         try:
             os.makedirs(self.directory, exist_ok=True)
-            data = dump_captured(captured)
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self._path(key))
+            write_whole(self._path(key), dump_captured(captured))
         except Exception as e:
             logger.warning("capture cache: cannot keep %s (%s: %s)", key, type(e).__name__, e)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)

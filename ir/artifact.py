@@ -16,7 +16,8 @@ from flexc.ir.graph import CompiledGraph, RegionGraph
 from flexc.ir.schema import SCHEMA_VERSION
 from flexc.ir.spec import LoraSpec, ModelSource
 
-__all__ = ["CompiledModel", "PassRecord", "SCHEMA_VERSION", "model_shape", "report_to_dict", "pass_report"]
+__all__ = ["CompiledModel", "PassRecord", "SCHEMA_VERSION", "model_shape", "report_to_dict", "pass_report",
+           "write_whole"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -82,19 +83,24 @@ class CompiledModel:
     def save_plan(self, path: str) -> None:
         """Write plan.json whole or not at all: the plan is built first and lands by rename, so an interrupted
         compile never leaves an empty or truncated file behind."""
-        text = json.dumps(self.plan(), indent=2) + "\n"
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_whole(path, (json.dumps(self.plan(), indent=2) + "\n").encode())
 
     def pass_report(self, name: str) -> Any:
         """The report of the last run of pass ``name`` (ValueError naming the passes that ran if it did not)."""
         return pass_report(self.passes, name)
+
+
+def write_whole(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a private file renamed into place, so a reader (or a
+    process killed mid-write) never sees a truncated file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def pass_report(records: list[PassRecord], name: str) -> Any:
