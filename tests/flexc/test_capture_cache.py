@@ -51,14 +51,20 @@ SPEC = LoraSpec(r=4, alpha=8)
 CLI_ARGS = ["--lora-r", "4", "--lora-alpha", "8", "--seq-len", "16"]
 
 
-def test_loaded_compile_equals_fresh_and_matches_peft(config, cache_dir):
-    """The second compile loads all four regions; graphs and plan equal the first; run with real weights the
-    loaded graphs give PEFT's logits (1e-5) and LoRA gradients (1e-4)."""
+def test_loaded_compile_equals_fresh_and_matches_peft(config, cache_dir, monkeypatch):
+    """The second compile loads all four regions and the model's facts, and builds no model; graphs and plan
+    equal the first; run with real weights the loaded graphs give PEFT's logits (1e-5) and LoRA gradients
+    (1e-4)."""
     src = resolve_model(config)
     fresh = flexc.compile(src, lora=SPEC, seq_len=16)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a compile served from the cache built a model")
+    monkeypatch.setattr(flexc.compiler, "build_fake_templates", no_model)
     loaded = flexc.compile(src, lora=SPEC, seq_len=16)
+    monkeypatch.undo()
     assert _loaded(fresh) == [] and _loaded(loaded) == ["embed", "layer.0", "head", "logits"]
-    assert len(os.listdir(cache_dir / "captures")) == 4
+    assert sorted(os.path.splitext(e)[1] for e in os.listdir(cache_dir / "captures")) == [".json"] + [".pkl"] * 4
     for name, r in fresh.graph.regions.items():
         other = loaded.graph.regions[name]
         assert r.fw.code == other.fw.code, name
@@ -98,6 +104,19 @@ def test_cli_says_what_it_loaded_and_no_cache_keeps_out(config, cache_dir, tmp_p
     assert CaptureCache.default(enabled=False).directory is None
     monkeypatch.setenv("FLEXC_CAPTURE_CACHE", "0")
     assert CaptureCache.default().directory is None
+
+
+def test_every_seq_len_shares_one_capture(config, cache_dir, monkeypatch):
+    """The token count is symbolic in the graphs: a compile for another ``seq_len`` loads what the tests above
+    captured, and capturing with another example token count gives the same graphs and the same plan."""
+    shared = flexc.compile(config, lora=SPEC, seq_len=40)
+    assert _loaded(shared) == ["embed", "layer.0", "head", "logits"]
+    monkeypatch.setattr(flexc.compiler, "CAPTURE_TOKENS", 16)
+    other = flexc.compile(config, lora=SPEC, seq_len=40, cache=False)
+    for name, r in shared.graph.regions.items():
+        o = other.graph.regions[name]
+        assert r.fw.code == o.fw.code and (r.bw is None or r.bw.code == o.bw.code), name
+    assert _rounded(shared.plan()) == _rounded(other.plan())
 
 
 def test_damaged_entry_is_captured_again(config, cache_dir, caplog):

