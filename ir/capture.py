@@ -218,7 +218,32 @@ def dump_captured(captured: CapturedRegion) -> bytes:
     machine's user wrote.
     """
     keep_all = Options(ops_filter=None, node_metadata_key_filter=None)   # flexc's ops; module stacks name roles
-    return GraphPickler.dumps(dataclasses.replace(captured, seconds={}), keep_all)
+    with _module_stacks_as_names(captured):
+        return GraphPickler.dumps(dataclasses.replace(captured, seconds={}), keep_all)
+
+
+_STACK_KEYS = ("nn_module_stack", "fwd_nn_module_stack")
+
+
+@contextlib.contextmanager
+def _module_stacks_as_names(captured: CapturedRegion):
+    """While dumping, the module classes in the nodes' module stacks are their qualified names: flexc reads only
+    the paths (:func:`flexc.ir.graph.module_fqn`), and a class would make loading import its module (PEFT's and
+    the model's, 0.5 s)."""
+    saved = []
+    for g in (captured.fw, captured.bw, captured.joint):
+        for n in g.graph.nodes if g is not None else ():
+            for key in _STACK_KEYS:
+                stack = n.meta.get(key)
+                if stack:
+                    saved.append((n.meta, key, stack))
+                    n.meta[key] = {k: (path, cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}")
+                                   for k, (path, cls) in stack.items()}
+    try:
+        yield
+    finally:
+        for meta, key, stack in saved:
+            meta[key] = stack
 
 
 def load_captured(data: bytes) -> CapturedRegion:

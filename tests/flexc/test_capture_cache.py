@@ -120,12 +120,19 @@ def test_every_seq_len_shares_one_capture(config, cache_dir, monkeypatch):
 
 
 def test_damaged_entry_is_captured_again(config, cache_dir, caplog):
-    """An entry that does not load costs a capture (with a warning), never a compile, and is rewritten."""
-    entries = sorted((cache_dir / "captures").iterdir())
-    for e in entries:
+    """An entry that does not load (a region's, the model facts') costs a capture (with a warning), never a compile,
+    and is rewritten; the other entries still load."""
+    src = resolve_model(config)
+    model = {"config": src.config.to_dict(), "lora": SPEC.to_dict(), "dtype": "fp32"}
+    ids = [[flexc.compiler.CAPTURE_TOKENS], "torch.int64", False]       # the embed region's (ids, positions)
+    embed_key = capture_key({**model, "region": "embed", "kind": "embed", "trainable": False, "args": [ids, ids]})
+    embed = cache_dir / "captures" / f"{embed_key}.pkl"
+    facts = cache_dir / "captures" / f"{capture_key({**model, 'region': 'model facts'})}.json"
+    assert embed.is_file() and facts.is_file()
+    for e in (embed, facts):
         e.write_bytes(b"not a pickle")
     with caplog.at_level(logging.WARNING, logger="flexc.capture_cache"):
-        cm = flexc.compile(config, lora=SPEC, seq_len=16)
-    assert _loaded(cm) == [] and "ignoring" in caplog.text
-    assert all(e.read_bytes() != b"not a pickle" for e in entries)
-    assert _loaded(flexc.compile(config, lora=SPEC, seq_len=16)) == ["embed", "layer.0", "head", "logits"]
+        cm = flexc.compile(src, lora=SPEC, seq_len=16)
+    assert _loaded(cm) == ["layer.0", "head", "logits"] and caplog.text.count("ignoring") == 2
+    assert embed.read_bytes() != b"not a pickle" and json.loads(facts.read_text())["members"] == [[0, 1, 2]]
+    assert _loaded(flexc.compile(src, lora=SPEC, seq_len=16)) == ["embed", "layer.0", "head", "logits"]
