@@ -6,9 +6,13 @@ second. A region is stored under ``$FLEXC_CACHE_DIR/captures/`` (default ``~/.ca
 converted embedded model) by a key that holds everything its capture depends on:
 
 * the region (name, kind), the model config, the LoRA spec, the dtype, whether it trains, and the example
-  inputs (shapes, dtypes, which dims are symbolic);
+  inputs (shapes, dtypes, which dims are symbolic; the token count is the same for every ``seq_len``, so one
+  entry serves them all);
 * the versions of torch, transformers and peft, and a digest of flexc's own capture code (the ``flexc``,
   ``flexc.ir`` and ``flexc.kernels`` sources): an edited op or region captures again.
+
+Beside a model's regions a small JSON entry keeps its facts (which layers share a template, parameter counts):
+with it and every region in the cache, a compile builds no model at all.
 
 Entries are written whole (a private file renamed into place), so concurrent compiles (test workers, tensor-
 parallel ranks) never read half an entry; an unreadable entry is captured again and overwritten. The files are

