@@ -132,15 +132,26 @@ class _Propagator:
         req, out = best
         for a, want in zip(args, req):
             self.need(a, want, n.name)
-        info = n.meta.get(NODE_INFO)
-        if info is not None and info.flops != 0:
+        flops = self.cache.get(("flops", n), False)
+        if flops is False:
+            info = n.meta.get(NODE_INFO)
+            flops = self.cache[("flops", n)] = info.flops if info is not None and info.flops != 0 else None
+        if flops is not None:
             split = any(isinstance(p, Shard) for p in req) or isinstance(out, Shard)
-            (self.sharded if split else self.full).append(info.flops)
+            (self.sharded if split else self.full).append(flops)
         if out == P and self.eager_reduce(n):
             kind, nb = redistribution(P, R, self.nbytes(n)[0], self.tp)
             self.redists.append(Redistribution(n.name, (), P, R, kind, nb))
             out = R
         self.pl[n.name] = out
+
+
+def _kind(n: fx.Node) -> str:
+    if n.op in ("placeholder", "output"):
+        return n.op
+    if n.target is operator.getitem:
+        return "getitem"
+    return "none" if str(n.target) in NO_PLACEMENT else "op"
 
 
 def propagate(gm: fx.GraphModule, inputs: dict[str, Placement], tp: int, *,
@@ -158,16 +169,19 @@ def propagate(gm: fx.GraphModule, inputs: dict[str, Placement], tp: int, *,
     ``cache``: a dict reused across calls on the same graph (rule options and byte counts per node).
     """
     w = _Propagator(tp, tokens, {} if cache is None else cache, eager_reduce, replicated)
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
+    walk = w.cache.get(("walk", gm))
+    if walk is None:            # NOTE: what each node is does not change between walks (the search walks hundreds)
+        walk = w.cache[("walk", gm)] = [(n, _kind(n)) for n in gm.graph.nodes]
+    for n, kind in walk:
+        if kind == "placeholder":
             w.pl[n.name] = inputs.get(n.name, R) if is_tensor(n) else None
-        elif n.op == "output":
+        elif kind == "output":
             if outputs is not None:
                 w.outputs(n, outputs)
-        elif n.target is operator.getitem:
+        elif kind == "getitem":
             src = w.pl.get(n.args[0].name)
             w.pl[n.name] = src[n.args[1]] if isinstance(src, tuple) else src
-        elif str(n.target) in NO_PLACEMENT:
+        elif kind == "none":
             w.pl[n.name] = None
         else:
             w.op(n)
