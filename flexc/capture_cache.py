@@ -60,6 +60,13 @@ def capture_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def _json_object(data: bytes) -> dict:
+    facts = json.loads(data)
+    if not isinstance(facts, dict):
+        raise ValueError(f"expected a JSON object, got {type(facts).__name__}")
+    return facts
+
+
 @dataclass
 class CaptureCache:
     """Where captured regions are kept; ``directory=None`` keeps nothing."""
@@ -78,27 +85,20 @@ class CaptureCache:
 
     def load(self, key: str) -> Optional[CapturedRegion]:
         """The region stored under ``key``, or None (nothing stored, or an entry that does not load)."""
-        if self.directory is None or not os.path.isfile(self._path(key)):
-            return None
-        try:
-            with open(self._path(key), "rb") as f:
-                return load_captured(f.read())
-        except Exception as e:     # NOTE: a damaged or foreign entry costs a capture, never a compile
-            logger.warning("capture cache: ignoring %s (%s: %s)", self._path(key), type(e).__name__, e)
-            return None
+        return self._read(key, ".pkl", load_captured)
 
     def load_facts(self, key: str) -> Optional[dict]:
         """The JSON facts stored under ``key`` (what capture learned of a model besides its graphs), or None."""
-        if self.directory is None or not os.path.isfile(self._path(key, ".json")):
+        return self._read(key, ".json", _json_object)
+
+    def _read(self, key: str, suffix: str, parse: Callable[[bytes], Any]) -> Any:
+        if self.directory is None or not os.path.isfile(self._path(key, suffix)):
             return None
         try:
-            with open(self._path(key, ".json")) as f:
-                facts = json.load(f)
-            if not isinstance(facts, dict):
-                raise ValueError(f"expected a JSON object, got {type(facts).__name__}")
-            return facts
-        except (OSError, ValueError) as e:
-            logger.warning("capture cache: ignoring %s (%s: %s)", self._path(key, ".json"), type(e).__name__, e)
+            with open(self._path(key, suffix), "rb") as f:
+                return parse(f.read())
+        except Exception as e:     # NOTE: a damaged or foreign entry costs a capture, never a compile
+            logger.warning("capture cache: ignoring %s (%s: %s)", self._path(key, suffix), type(e).__name__, e)
             return None
 
     def store_facts(self, key: str, facts: dict) -> None:

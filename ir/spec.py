@@ -74,7 +74,7 @@ class LoraSpec:
         targets = cfg.target_modules
         if isinstance(targets, str):
             raise ValueError(f"target_modules as a regex ({targets!r}) is not supported; list projection names")
-        return cls(r=cfg.r, alpha=cfg.lora_alpha, targets=tuple(sorted(targets, key=_target_order)))
+        return cls(r=cfg.r, alpha=cfg.lora_alpha, targets=tuple(targets))   # __post_init__ puts them in order
 
     def to_peft(self):
         from peft import LoraConfig
