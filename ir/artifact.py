@@ -121,6 +121,9 @@ def model_shape(source: ModelSource) -> dict:
         "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
         "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        # the config's own tensor-parallel plan (layers.*.<proj> -> colwise/rowwise), read here so that the
+        # parallelize pass never imports the model's modeling code for it
+        "base_tp_plan": dict(getattr(cfg, "base_model_tp_plan", None) or {}),
     }
 
 

@@ -34,7 +34,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, Callable, Optional
+from fractions import Fraction
+from typing import Any, Callable, Optional, Sequence
 
 import sympy
 import torch.fx as fx
@@ -43,7 +44,7 @@ from flexc.ir.graph import NODE_INFO
 from flexc.ir.parallel_rules import NO_PLACEMENT, RULES, Ctx, is_tensor, node_nbytes, tensor_args
 from flexc.ir.placements import P, R, NoRuleError, Placement, Propagation, Redistribution, Shard, redistribution, \
     redistribution_cost
-from flexc.ir.vocab import evaluate_at
+from flexc.ir.vocab import TOKEN_SYMBOL, evaluate_at
 
 __all__ = ["propagate"]
 
@@ -59,14 +60,20 @@ class _Propagator:
         self.pl: dict[str, Placement] = {}
         self.redists: list[Redistribution] = []
         self.index: dict[tuple[str, Any], int] = {}
-        self.full: list[sympy.Expr] = []
-        self.sharded: list[sympy.Expr] = []
+        self.full = _Poly()
+        self.sharded = _Poly()
 
     def nbytes(self, a: fx.Node) -> tuple[sympy.Expr, float]:
         key = ("bytes", a)
         if key not in self.cache:
             nb = node_nbytes(a)
             self.cache[key] = (nb, evaluate_at(nb, self.tokens))
+        return self.cache[key]
+
+    def _redistribution(self, a: fx.Node, src: Placement, dst: Placement) -> Optional[tuple[str, sympy.Expr]]:
+        key = ("redist", a, src, dst)
+        if key not in self.cache:
+            self.cache[key] = redistribution(src, dst, self.nbytes(a)[0], self.tp)
         return self.cache[key]
 
     def need(self, arg: fx.Node, dst: Placement, consumer: str) -> None:
@@ -79,7 +86,7 @@ class _Propagator:
             r = self.redists[self.index[key]]
             self.redists[self.index[key]] = dataclasses.replace(r, consumers=r.consumers + (consumer,))
             return
-        kind, nb = redistribution(src, dst, self.nbytes(arg)[0], self.tp)
+        kind, nb = self._redistribution(arg, src, dst)
         self.index[key] = len(self.redists)
         self.redists.append(Redistribution(arg.name, (consumer,), src, dst, kind, nb))
 
@@ -91,16 +98,16 @@ class _Propagator:
                     raise ValueError(f"output {i} ({a.name}) is {self.pl[a.name]}, cannot become {want}")
                 self.need(a, want, f"output.{i}")
 
-    def _best(self, n: fx.Node, args: list[fx.Node], ins: tuple) -> tuple:
+    def _best(self, n: fx.Node, args: Sequence[fx.Node], ins: tuple, whole: bool) -> "_Decision":
         """The rule's option for inputs placed ``ins`` with the cheapest input redistribution (ties: listed
-        first); a pure function of the node and ``ins``, so it is cached across walks."""
+        first); a pure function of the node, ``ins`` and ``whole``, so it is cached across walks."""
         target = str(n.target)
         rule = RULES.get(target)
         if rule is None:
             raise NoRuleError(f"no parallel placement rule for op {target} (node {n.name}); "
                               f"add one to flexc.ir.parallel_rules.RULES")
         options = rule(n, list(ins), self.ctx)
-        if self.replicated(n):
+        if whole:
             options = [(req, out) for req, out in options
                        if all(p == R for p in req) and all(p == R for p in (out if isinstance(out, tuple) else (out,)))]
         best, best_cost = None, math.inf
@@ -117,33 +124,84 @@ class _Propagator:
         if best is None:
             raise NoRuleError(f"op {target} (node {n.name}): no option of its rule accepts inputs "
                               f"{[str(p) for p in ins]}")
-        return best
-
-    def op(self, n: fx.Node) -> None:
-        """Place one call node: the rule's option with the cheapest input redistribution (ties: listed first)."""
-        args = self.cache.get(("args", n))
-        if args is None:
-            args = self.cache[("args", n)] = tensor_args(n)
-        ins = tuple(self.pl[a.name] for a in args)
-        key = ("best", n, ins, self.replicated(n))
-        best = self.cache.get(key)
-        if best is None:
-            best = self.cache[key] = self._best(n, args, ins)
         req, out = best
-        for a, want in zip(args, req):
+        moves = tuple((a, want) for a, p, want in zip(args, ins, req) if p != want)
+        split = any(isinstance(p, Shard) for p in req) or isinstance(out, Shard)
+        return _Decision(out=out, moves=moves, split=split)
+
+    def op(self, n: fx.Node, args: tuple[fx.Node, ...], flops: Optional["_Poly"]) -> None:
+        """Place one call node: the rule's option with the cheapest input redistribution (ties: listed first)."""
+        pl = self.pl
+        ins = tuple([pl[a.name] for a in args])
+        whole = self.replicated(n)
+        key = ("best", n, ins, whole)
+        d = self.cache.get(key)
+        if d is None:
+            d = self.cache[key] = self._best(n, args, ins, whole)
+        for a, want in d.moves:
             self.need(a, want, n.name)
-        flops = self.cache.get(("flops", n), False)
-        if flops is False:
-            info = n.meta.get(NODE_INFO)
-            flops = self.cache[("flops", n)] = info.flops if info is not None and info.flops != 0 else None
         if flops is not None:
-            split = any(isinstance(p, Shard) for p in req) or isinstance(out, Shard)
-            (self.sharded if split else self.full).append(flops)
+            (self.sharded if d.split else self.full).add(flops)
+        out = d.out
         if out == P and self.eager_reduce(n):
-            kind, nb = redistribution(P, R, self.nbytes(n)[0], self.tp)
+            kind, nb = self._redistribution(n, P, R)
             self.redists.append(Redistribution(n.name, (), P, R, kind, nb))
             out = R
-        self.pl[n.name] = out
+        pl[n.name] = out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decision:
+    """What an op does under given input placements: its output, the inputs it needs redistributed (value,
+    placement wanted) and whether its work is split over the ranks."""
+
+    out: Any
+    moves: tuple
+    split: bool
+
+
+class _Poly:
+    """A sum of polynomials in T kept as exact coefficients by degree (node FLOPs are such polynomials):
+    adding one is a few integer additions, where a sympy ``Add`` re-sorts every term each walk."""
+
+    def __init__(self, terms: Optional[dict[int, Any]] = None):
+        self.terms: dict[int, Any] = dict(terms or {})
+
+    @staticmethod
+    def of(expr: Any) -> Optional["_Poly"]:
+        """``expr`` as a polynomial in T with rational coefficients, None if it is not one."""
+        expr = sympy.sympify(expr)
+        if expr.free_symbols - {TOKEN_SYMBOL} or not expr.is_polynomial(TOKEN_SYMBOL):
+            return None
+        terms = {}
+        for (k,), c in sympy.Poly(expr, TOKEN_SYMBOL).terms():
+            terms[k] = Fraction(int(c.p), int(c.q)) if c.q != 1 else int(c.p)
+        return _Poly(terms)
+
+    def add(self, other: "_Poly") -> None:
+        for k, c in other.terms.items():
+            self.terms[k] = self.terms.get(k, 0) + c
+
+    def expr(self, scale: int = 1) -> sympy.Expr:
+        return sympy.Add(*[sympy.Rational(c.numerator, c.denominator * scale) * TOKEN_SYMBOL ** k
+                           for k, c in sorted(self.terms.items()) if c])
+
+
+def _static(gm: fx.GraphModule) -> list[tuple]:
+    """(node, kind, tensor args, FLOPs) of every node: what a walk needs that does not change between walks."""
+    out = []
+    for n in gm.graph.nodes:
+        kind = _kind(n)
+        if kind != "op":
+            out.append((n, kind, (), None))
+            continue
+        info = n.meta.get(NODE_INFO)
+        flops = info.flops if info is not None and info.flops != 0 else None
+        poly = _Poly.of(flops) if flops is not None else None
+        if flops is not None and poly is None:
+            raise ValueError(f"node {n.name}: FLOPs {flops} are not a polynomial in T")
+        out.append((n, kind, tuple(tensor_args(n)), poly))
+    return out
 
 
 def _kind(n: fx.Node) -> str:
@@ -171,9 +229,11 @@ def propagate(gm: fx.GraphModule, inputs: dict[str, Placement], tp: int, *,
     w = _Propagator(tp, tokens, {} if cache is None else cache, eager_reduce, replicated)
     walk = w.cache.get(("walk", gm))
     if walk is None:            # NOTE: what each node is does not change between walks (the search walks hundreds)
-        walk = w.cache[("walk", gm)] = [(n, _kind(n)) for n in gm.graph.nodes]
-    for n, kind in walk:
-        if kind == "placeholder":
+        walk = w.cache[("walk", gm)] = _static(gm)
+    for n, kind, args, flops in walk:
+        if kind == "op":
+            w.op(n, args, flops)
+        elif kind == "placeholder":
             w.pl[n.name] = inputs.get(n.name, R) if is_tensor(n) else None
         elif kind == "output":
             if outputs is not None:
@@ -181,9 +241,7 @@ def propagate(gm: fx.GraphModule, inputs: dict[str, Placement], tp: int, *,
         elif kind == "getitem":
             src = w.pl.get(n.args[0].name)
             w.pl[n.name] = src[n.args[1]] if isinstance(src, tuple) else src
-        elif kind == "none":
-            w.pl[n.name] = None
         else:
-            w.op(n)
-    flops = sympy.Add(*w.full) + sympy.Add(*w.sharded) / tp
+            w.pl[n.name] = None
+    flops = w.full.expr() + w.sharded.expr(scale=tp)
     return Propagation(placements=w.pl, redistributions=w.redists, flops=flops)

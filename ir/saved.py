@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from flexc.ir.graph import NODE_INFO
-from flexc.ir.vocab import TOKEN_SYMBOL, CapturedRegion, InputKind, InputRef
+from flexc.ir.vocab import TOKEN_SYMBOL, CapturedRegion, InputKind, InputRef, canonical
 
 __all__ = ["SlotKind", "SavedSlot", "saved_slots", "CU_SEQLENS_INPUT"]
 
@@ -78,7 +78,7 @@ def _slot(node: Any, captured: CapturedRegion, cu_input: int) -> SavedSlot:
     if len(token_dims) > 1:
         raise ValueError(f"saved value {node.name} has several token dimensions {shape}")
     d, s = token_dims[0]
-    k = sympy.simplify(sympy.sympify(s) / TOKEN_SYMBOL)
+    k = canonical(sympy.sympify(s) / TOKEN_SYMBOL)
     if not k.is_Integer:
         raise ValueError(f"saved value {node.name}: token dimension {s} is not a multiple of T")
     return SavedSlot(SlotKind.ROWS, dim=d, per_token=int(k))

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import sympy
 import torch
 
-__all__ = ["InputKind", "OutputKind", "InputRef", "OutputRef", "CapturedRegion", "TOKEN_SYMBOL", "evaluate_at",
+__all__ = ["InputKind", "OutputKind", "InputRef", "OutputRef", "CapturedRegion", "TOKEN_SYMBOL", "canonical", "evaluate_at",
            "is_sym_node"]
 
 TOKEN_SYMBOL = sympy.Symbol("T", integer=True, positive=True)
@@ -134,7 +134,14 @@ class CapturedRegion:
             return sympy.Integer(int(value))
         expr = self.shape_env.simplify(value.node.expr)
         subs = {s: TOKEN_SYMBOL for t in self.token_exprs for s in t.free_symbols}
-        return sympy.simplify(expr.xreplace(subs))
+        return canonical(expr.xreplace(subs))
+
+
+def canonical(expr: Any) -> sympy.Expr:
+    """The expanded form of a size or byte count (a polynomial in T with rational coefficients): the one
+    form flexc compares and prints. NOTE: not ``sympy.simplify``, which gives the same form for these
+    expressions but imports ``sympy.physics`` on first use (0.3 s of every compile)."""
+    return sympy.expand(expr)
 
 
 def evaluate_at(expr: Any, tokens: int, num_seqs: int = 1) -> float:

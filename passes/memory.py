@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from flexc.ir.graph import storage_root, value_bytes
 from flexc.ir.spec import KVCacheSpec, parse_dtype
-from flexc.ir.vocab import TOKEN_SYMBOL, evaluate_at, is_sym_node
+from flexc.ir.vocab import TOKEN_SYMBOL, canonical, evaluate_at, is_sym_node
 from flexc.ir.graph import CompiledGraph
 from flexc.passes.manager import PassContext, define_pass
 from flexc.passes.joint import RegionPlan, SweepPoint
@@ -223,7 +223,7 @@ def memory(graph: CompiledGraph, ctx: PassContext) -> MemoryReport:
         be, bv, _ = liveness_peak(r.bw, size)
         saved = plans[name][prune.installed].saved_bytes
         regions[name] = RegionMemory(num_layers=len(templates.get(name, [0])),
-                                     saved_bytes_per_token=str(sympy.simplify(saved / TOKEN_SYMBOL)),
+                                     saved_bytes_per_token=str(canonical(saved / TOKEN_SYMBOL)),
                                      forward_peak=str(fe), backward_peak=str(be),
                                      forward_peak_bytes=fv, backward_peak_bytes=bv)
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Optional
 import sympy
 import torch.fx as fx
 
-from flexc.ir.vocab import evaluate_at
+from flexc.ir.vocab import canonical, evaluate_at
 from flexc.ir.graph import NODE_INFO
 from flexc.ir.parallel import propagate
 from flexc.ir.placements import Placement, Propagation, Replicate, Shard
@@ -145,7 +145,7 @@ def make_base_plan(graph: "CompiledGraph", options: dict) -> tuple[dict[str, str
             raise ValueError(f"tp_plan {path!r}: cannot read a JSON plan ({e})") from e
         source = "user"
     else:
-        plan, source = _config_plan(graph.model.get("architecture", "")), "config"
+        plan, source = _config_plan(graph.model), "config"
         if not plan:
             plan, source = dict(MEGATRON_PLAN), "megatron"
     if not isinstance(plan, dict):
@@ -156,9 +156,12 @@ def make_base_plan(graph: "CompiledGraph", options: dict) -> tuple[dict[str, str
     return {k: _STYLES[v] for k, v in plan.items()}, source
 
 
-def _config_plan(architecture: str) -> dict:
+def _config_plan(model: dict) -> dict:
+    """The config's ``base_model_tp_plan``: recorded by capture (``model_shape``), else looked up by class."""
+    if "base_tp_plan" in model:
+        return dict(model["base_tp_plan"])
     import transformers
-    cls = getattr(transformers, architecture, None)
+    cls = getattr(transformers, model.get("architecture", ""), None)
     cfg_cls = getattr(cls, "config_class", None)
     return dict(getattr(cfg_cls, "base_model_tp_plan", None) or {})
 
@@ -226,12 +229,16 @@ def evaluate_region(region: "RegionGraph", by_fqn: dict[str, Placement], tp: int
     out_refs = region.fw.graph.find_nodes(op="output")[0].meta["flexc_ref"]
 
     def eager_reduce(n: fx.Node) -> bool:
+        if not eager:
+            return False
         info = n.meta.get(NODE_INFO)
-        return bool(info is not None and eager and info.module.startswith(eager))
+        return info is not None and info.module.startswith(eager)
 
     def whole(n: fx.Node) -> bool:
+        if not replicated:          # NOTE: the common case in the search; this runs for every node of every walk
+            return False
         info = n.meta.get(NODE_INFO)
-        return bool(info is not None and replicated and any(part in info.module for part in replicated))
+        return info is not None and any(part in info.module for part in replicated)
 
     fw = propagate(region.fw, fw_in, tp, outputs=lambda i, a: _R if out_refs[i].kind == "user" else None,
                    eager_reduce=eager_reduce, replicated=whole, tokens=tokens, cache=cache)
@@ -363,7 +370,7 @@ def parallelize(graph: "CompiledGraph", ctx: "PassContext") -> ParallelizeReport
             "layers": n_layers,
             "forward_collectives": len(collective_nodes(fw)),
             "backward_collectives": len(collective_nodes(bw)) if bw is not None else 0,
-            "comm_bytes": str(sympy.simplify(ev.comm())),
+            "comm_bytes": str(canonical(ev.comm())),
             "comm_bytes_per_token": round(evaluate_at(ev.comm(), tokens) / tokens, 3),
             "naive_comm_bytes_per_token": round(evaluate_at(naive.comm(), tokens) / tokens, 3),
         }
@@ -434,10 +441,14 @@ def _choose(region: "RegionGraph", plan: dict[str, str], tp: int, cost: "_CostMo
     choices: dict[str, AdapterChoice] = {}
 
     cache: dict = {}
+    evals: dict[tuple, _Eval] = {}
 
     def run(ch: dict[str, AdapterChoice]) -> _Eval:
-        return _Eval(*evaluate_region(region, region_inputs(region, plan, ch), tp, tokens, _eager_prefixes(ch),
-                                      _whole_parts(ch, adapters), cache), region)
+        key = tuple(ch.get(proj) for proj in adapters)      # a sweep meets the same assignment again
+        if key not in evals:
+            evals[key] = _Eval(*evaluate_region(region, region_inputs(region, plan, ch), tp, tokens,
+                                                _eager_prefixes(ch), _whole_parts(ch, adapters), cache), region)
+        return evals[key]
 
     naive = run({})
     preds = {proj: _adapter_pred(region, proj) for proj in adapters}
@@ -469,9 +480,9 @@ def _choose(region: "RegionGraph", plan: dict[str, str], tp: int, cost: "_CostMo
         report.adapters.append({
             "region": region.name, "layers": n_layers, "module": proj, "base": _style(plan, proj),
             "choice": choices[proj].to_dict(),
-            "comm_bytes": str(sympy.simplify(dep)),
+            "comm_bytes": str(canonical(dep)),
             "comm_bytes_per_token": round(evaluate_at(dep, tokens) / tokens, 3),
-            "naive_comm_bytes": str(sympy.simplify(nv)),
+            "naive_comm_bytes": str(canonical(nv)),
             "naive_comm_bytes_per_token": round(evaluate_at(nv, tokens) / tokens, 3),
         })
     return choices
