@@ -23,8 +23,8 @@ from typing import Any, Optional
 import sympy
 import torch
 
-__all__ = ["InputKind", "OutputKind", "InputRef", "OutputRef", "CapturedRegion", "TOKEN_SYMBOL", "canonical", "evaluate_at",
-           "is_sym_node"]
+__all__ = ["InputKind", "OutputKind", "InputRef", "OutputRef", "CapturedRegion", "TOKEN_SYMBOL", "canonical",
+           "evaluate_at", "is_sym_node"]
 
 TOKEN_SYMBOL = sympy.Symbol("T", integer=True, positive=True)
 """The symbol every captured shape uses for the number of tokens in the flat batch."""
