@@ -161,18 +161,19 @@ class _Decision:
 
 
 class _Poly:
-    """A sum of polynomials in T kept as exact coefficients by degree (node FLOPs are such polynomials):
-    adding one is a few integer additions, where a sympy ``Add`` re-sorts every term each walk."""
+    """A sum of FLOP counts. Polynomials in T (what node FLOPs are) are kept as exact coefficients by degree:
+    adding one is a few integer additions, where a sympy ``Add`` re-sorts every term each walk. Any other
+    expression is kept as it is and added with sympy at the end."""
 
-    def __init__(self, terms: Optional[dict[int, Any]] = None):
+    def __init__(self, terms: Optional[dict[int, Any]] = None, other: tuple = ()):
         self.terms: dict[int, Any] = dict(terms or {})
+        self.other: list[sympy.Expr] = list(other)
 
     @staticmethod
-    def of(expr: Any) -> Optional["_Poly"]:
-        """``expr`` as a polynomial in T with rational coefficients, None if it is not one."""
+    def of(expr: Any) -> "_Poly":
         expr = sympy.sympify(expr)
         if expr.free_symbols - {TOKEN_SYMBOL} or not expr.is_polynomial(TOKEN_SYMBOL):
-            return None
+            return _Poly(other=(expr,))
         terms = {}
         for (k,), c in sympy.Poly(expr, TOKEN_SYMBOL).terms():
             terms[k] = Fraction(int(c.p), int(c.q)) if c.q != 1 else int(c.p)
@@ -181,10 +182,12 @@ class _Poly:
     def add(self, other: "_Poly") -> None:
         for k, c in other.terms.items():
             self.terms[k] = self.terms.get(k, 0) + c
+        self.other.extend(other.other)
 
     def expr(self, scale: int = 1) -> sympy.Expr:
-        return sympy.Add(*[sympy.Rational(c.numerator, c.denominator * scale) * TOKEN_SYMBOL ** k
-                           for k, c in sorted(self.terms.items()) if c])
+        poly = [sympy.Rational(c.numerator, c.denominator * scale) * TOKEN_SYMBOL ** k
+                for k, c in sorted(self.terms.items()) if c]
+        return sympy.Add(*poly, sympy.Add(*self.other) / scale)
 
 
 def _static(gm: fx.GraphModule) -> list[tuple]:
@@ -196,11 +199,8 @@ def _static(gm: fx.GraphModule) -> list[tuple]:
             out.append((n, kind, (), None))
             continue
         info = n.meta.get(NODE_INFO)
-        flops = info.flops if info is not None and info.flops != 0 else None
-        poly = _Poly.of(flops) if flops is not None else None
-        if flops is not None and poly is None:
-            raise ValueError(f"node {n.name}: FLOPs {flops} are not a polynomial in T")
-        out.append((n, kind, tuple(tensor_args(n)), poly))
+        flops = _Poly.of(info.flops) if info is not None and info.flops != 0 else None
+        out.append((n, kind, tuple(tensor_args(n)), flops))
     return out
 
 
