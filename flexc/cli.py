@@ -130,7 +130,7 @@ def main_compile(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)    # NOTE: a bad model name fails here, before the progress line
     print(f"flexc compile: {source.name}: regions, then passes ...", flush=True)
     cm = flexc.compile(source, lora=lora, dtype=args.dtype, seq_len=args.seq_len, passes=args.passes,
-                       cache=not args.no_cache, **options)
+                       cache=not args.no_cache, progress=lambda line: print(f"  {line}", flush=True), **options)
     cm.save_plan(args.output)
     print(_summary(cm))
     print(f"wrote {args.output}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -64,9 +64,11 @@ def _model_facts(fake: FakeTemplates) -> dict:
 
 
 def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str,
-                  cache: Optional[CaptureCache] = None) -> CompiledGraph:
+                  cache: Optional[CaptureCache] = None,
+                  progress: Optional[Callable[[str], None]] = None) -> CompiledGraph:
     """Capture embed, one template per distinct decoder-layer structure, head and logits regions (each loaded
-    from ``cache`` instead when it holds the same capture, and kept there otherwise).
+    from ``cache`` instead when it holds the same capture, and kept there otherwise). ``progress`` is called
+    with a line per region as it is done (a capture takes seconds).
 
     NOTE: when the cache holds the model's facts (which layers share a template, parameter counts) and every
     region, no model is built at all: the FakeTensor model (and PEFT) is only made for what must be captured.
@@ -102,7 +104,10 @@ def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str,
             cache.store(key, cap)
         how = "loaded" if "load" in cap.seconds else "captured"
         regions[name] = annotate(RegionGraph(name=name, captured=cap, layers=list(layers)))
-        logger.info("%s %s in %.2f s (%d fw nodes)", how, name, time.perf_counter() - t0, len(cap.fw.graph.nodes))
+        seconds = time.perf_counter() - t0
+        logger.info("%s %s in %.2f s (%d fw nodes)", how, name, seconds, len(cap.fw.graph.nodes))
+        if progress is not None:
+            progress(f"{name:<10} {how} in {seconds:.1f} s")
 
     add("embed", "embed", EmbedRegion, (ids, pos), False)
     # NOTE: one template per equivalence class of layers; the signature holds every constant a capture bakes in
@@ -122,7 +127,7 @@ def capture_model(source: ModelSource, lora: Optional[LoraSpec], dtype: str,
 
 def compile(model: Any = DEFAULT_MODEL, *, lora: Any = True, dtype: Optional[str] = None, seq_len: int = 2048,
             passes: Sequence[Any] = (), builtin_passes: Optional[Sequence[str]] = None, cache: bool = True,
-            **options: Any) -> CompiledModel:
+            progress: Optional[Callable[[str], None]] = None, **options: Any) -> CompiledModel:
     """Capture ``model`` (name, path or :class:`ModelSource`) with LoRA and run the pass pipeline.
 
     ``lora``: True (r=16, alpha=16, all seven projections), a :class:`LoraSpec`, a dict of its fields,
@@ -130,6 +135,7 @@ def compile(model: Any = DEFAULT_MODEL, *, lora: Any = True, dtype: Optional[str
     fp32 for models with weights. ``passes`` are user passes run after the built-ins; ``options``
     reach every pass as ``ctx.options`` (e.g. ``activation_budget``, ``device_memory``, ``tp``). ``cache``:
     load regions captured before from the capture cache (:mod:`flexc.capture_cache`) and keep new ones there.
+    ``progress``: called with a line per region captured or loaded (``flexc compile`` prints them).
     """
     t0 = time.perf_counter()
     source = model if isinstance(model, ModelSource) else resolve_model(model)
@@ -138,7 +144,7 @@ def compile(model: Any = DEFAULT_MODEL, *, lora: Any = True, dtype: Optional[str
     parse_dtype(dtype)
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-    graph = capture_model(source, spec, dtype, CaptureCache.default(cache))
+    graph = capture_model(source, spec, dtype, CaptureCache.default(cache), progress)
     pipeline = list(DEFAULT_PASSES if builtin_passes is None else builtin_passes) + list(passes)
     ctx = PassContext(options={"seq_len": seq_len, "dtype": dtype, **options})
     records = PassManager(pipeline).run(graph, ctx)

@@ -10,7 +10,8 @@ from tests.utils import write_config
 
 
 def test_compile_writes_plan(tmp_path, capsys):
-    """plan.json has the schema keys; the summary names regions, parameters and pass times."""
+    """plan.json has the schema keys; a line per region tells the progress of the capture; the summary names
+    regions, parameters and pass times."""
     cfg = write_config(tmp_path, "qwen2")
     out = tmp_path / "plan.json"
     assert main(["compile", cfg, "--lora-r", "8", "--lora-alpha", "16", "--lora-targets", "q_proj,down_proj",
@@ -25,6 +26,9 @@ def test_compile_writes_plan(tmp_path, capsys):
     assert plan["layer_regions"] == ["layer.0"] * 3
     text = capsys.readouterr().out
     assert "regions" in text and "layer.0" in text and "trainable" in text
+    progress = [line.split() for line in text.splitlines()[1:5]]
+    assert [p[0] for p in progress] == ["embed", "layer.0", "head", "logits"]
+    assert all(p[1] in ("captured", "loaded") and p[-1] == "s" for p in progress)
 
 
 def _main(args) -> int:
