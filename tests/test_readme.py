@@ -85,21 +85,28 @@ def _env(tmp_path) -> dict:
 
 @pytest.mark.parametrize("block", _params())
 def test_readme_block_runs(block: Block, tmp_path):
-    """The block runs to the end (exit status 0) from a fresh directory that has the repository's examples/."""
+    """The block runs to the end (exit status 0) from a fresh directory that has the repository's examples/,
+    and git ignores every file it writes there (run from a clone's root, it leaves ``git status`` clean)."""
     os.symlink(os.path.join(ROOT, "examples"), tmp_path / "examples")
     code = prepared(block)
     if block.lang == "python":
         done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(tmp_path), capture_output=True,
                               text=True, timeout=600)
         assert done.returncode == 0, f"{block.id} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-        return
-    for line in code.splitlines():
-        cmd = line.split(" #")[0].strip()
-        if not cmd or cmd.startswith("#"):
-            continue
-        done = subprocess.run(cmd, shell=True, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, f"{block.id}: {cmd!r} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    else:
+        for line in code.splitlines():
+            cmd = line.split(" #")[0].strip()
+            if not cmd or cmd.startswith("#"):
+                continue
+            done = subprocess.run(cmd, shell=True, cwd=tmp_path, env=_env(tmp_path), capture_output=True,
+                                  text=True, timeout=600)
+            assert done.returncode == 0, (f"{block.id}: {cmd!r} failed:\n{done.stdout[-3000:]}\n"
+                                          f"{done.stderr[-5000:]}")
+    # NOTE: run from a clone's root, the examples leave nothing for `git status` to show
+    written = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(tmp_path) if e.name != "examples")
+    kept = [w for w in written if subprocess.run(["git", "-C", ROOT, "check-ignore", "-q", "--no-index", w]
+                                                 ).returncode != 0]
+    assert not kept, f"{block.id} writes {kept}, which .gitignore does not ignore"
 
 
 def test_collector_reads_tags_and_substitutions():
