@@ -48,13 +48,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="base weight dtype (default bf16 for presets, fp32 for models with weights)")
     p.add_argument("--activation-budget", default=None,
-                   help="bytes per token (or 'max'/'min') the prune pass may keep for the backward")
+                   help="bytes per token (e.g. 64KiB), 'max', 'min' or 'auto' the prune pass may keep for the "
+                        "backward (default auto: the fewest bytes within --recompute-budget)")
     p.add_argument("--recompute-budget", default=None, metavar="FRACTION",
                    help="default activation budget only: keep the fewest bytes whose recompute stays within this "
                         "fraction of each region's training FLOPs (0-1 or e.g. 30%%; default 0.2)")
-    p.add_argument("--device-memory", type=_size, default=None, help="device memory for the plan, e.g. 80GiB")
+    p.add_argument("--device-memory", type=_size, default=None,
+                   help="device memory for the plan, e.g. 80GiB (default: none; the plan then gives no KV-cache size)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
-    p.add_argument("--tp-plan", default=None, help="JSON base TP plan {module pattern: colwise|rowwise|replicate}")
+    p.add_argument("--tp-plan", default=None,
+                   help="JSON base TP plan {module pattern: colwise|rowwise|replicate} (default: the config's, "
+                        "else Megatron's)")
     p.add_argument("--pass", dest="passes", action="append", default=[], metavar="MODULE:FUNCTION",
                    help="run a user pass after the built-ins (repeatable; also a registered name or entry point)")
     p.add_argument("-o", "--output", default="plan.json", help="where to write plan.json (default ./plan.json)")

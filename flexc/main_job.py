@@ -312,7 +312,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="AdamW peak learning rate, decayed linearly to 0 over the job (default 2e-3)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the dataset (default 3)")
     p.add_argument("--data", default=TRAIN_FILE, help="finetuning JSONL (default: the shipped Veltrax facts)")
-    p.add_argument("--eval", dest="eval_file", default=EVAL_FILE, help="JSONL of {question, keyword}")
+    p.add_argument("--eval", dest="eval_file", default=EVAL_FILE,
+                   help="JSONL of {question, keyword} (default: the 16 Veltrax questions shipped with flexc)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the adapter init (default 0)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads per rank (default 0: torch's choice on a quiet machine, the cores other "

@@ -166,8 +166,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay a measured latency profile (JSON of LatencyModel.save) instead of the roofline")
     p.add_argument("--kv-tokens", type=int, default=None, help="KV-cache tokens (default: what the memory plan "
                    "leaves on the GPUs; 16384 with --latency-profile)")
-    p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and the finetuning data")
-    p.add_argument("--json", dest="json_out", default="simulate.json", help="where to write the results JSON")
+    p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and the finetuning data (default 0)")
+    p.add_argument("--json", dest="json_out", default="simulate.json",
+                   help="where to write the results JSON (default ./simulate.json)")
     p.add_argument("--png", default=None, help="write the figure (rows: SLO, finetuning and inference tokens/s)")
 
 

@@ -163,3 +163,20 @@ def test_inputs_are_checked_before_any_model(tmp_path, capsys, no_model, args, n
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith(f"flexc {args[0]}: error: " + needle.format(**paths)), err
+
+
+def test_help_names_every_default():
+    """Every option of every command whose default is a value (not off, none or empty) says it in its help."""
+    import argparse
+
+    from flexc.cli import _COMMANDS, _build_parser
+    silent = []
+    for command in _COMMANDS:
+        parser = _build_parser([command])
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        for action in sub._actions:
+            if not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
+                continue
+            if "default" not in (action.help or ""):
+                silent.append(f"{command} {action.option_strings[-1]} (default {action.default!r})")
+    assert not silent, silent
