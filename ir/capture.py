@@ -12,9 +12,7 @@ Route (torch 2.13, transformers 5.x):
    original fakes to AOT silently gives a static graph), and
    ``_fakify_params_buffers`` re-fakes the parameters in Dynamo's fake mode;
 3. ``aot_export_joint_with_descriptors`` builds the joint forward+backward graph
-   with input/output descriptors (without functionalization, unless the trace
-   holds an op that writes its input: then again with it), and
-   ``aot_compile_joint_with_descriptors``
+   with input/output descriptors, and ``aot_compile_joint_with_descriptors``
    partitions it with our ``partition_fn`` (which records the joint graph, so
    passes can re-partition it later with :func:`partition_joint`).
 
@@ -174,46 +172,36 @@ def capture_region(region: nn.Module, example_args: Sequence[torch.Tensor], *,
     fake_args, _, _ = _extract_fake_inputs(gm, tuple(example_args), {})
     fake_params = _fakify_params_buffers(dyn_mode, gm)
 
-    def aot(functionalize: bool) -> dict[str, Any]:
-        rec: dict[str, Any] = {}
+    rec: dict[str, Any] = {}
 
-        def partition_fn(joint, joint_inputs, *, num_fwd_outputs, **kwargs):
-            rec["joint"], rec["num_fwd_outputs"] = joint, num_fwd_outputs
-            return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+    def partition_fn(joint, joint_inputs, *, num_fwd_outputs, **kwargs):
+        rec["joint"], rec["num_fwd_outputs"] = joint, num_fwd_outputs
+        return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
 
-        def grab(key):
-            def compiler(g, _example_inputs):
-                rec[key] = g
-                return _boxed(g)
-            return compiler
+    def grab(key):
+        def compiler(g, _example_inputs):
+            rec[key] = g
+            return _boxed(g)
+        return compiler
 
-        t0 = time.perf_counter()
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.nn.utils.stateless._reparametrize_module(
-                gm, fake_params, tie_weights=True, strict=True, stack_weights=True))
-            stack.enter_context(torch._guards.tracing(torch._guards.TracingContext(dyn_mode)))
-            grad_ctx = contextlib.nullcontext() if trainable else torch.no_grad()
-            with grad_ctx:
-                jd = aot_export_joint_with_descriptors(stack, gm, tuple(fake_args),
-                                                       disable_functionalization=not functionalize)
-                seconds["joint"] = seconds.get("joint", 0.0) + time.perf_counter() - t0
-                t0 = time.perf_counter()
-                # NOTE: with logging on (the default), stage 2 renders the joint, forward and backward graphs as
-                # text for torch's structured log whether or not anything reads it: 0.2 s of a layer's capture
-                jd._aot_state.aot_config = dataclasses.replace(jd._aot_state.aot_config, enable_log=False)
-                aot_compile_joint_with_descriptors(jd, partition_fn=partition_fn,
-                                                   fw_compiler=grab("fw"), bw_compiler=grab("bw"))
-        # NOTE: the graphs may only be run with real tensors after the ExitStack closed (inside it, Dynamo's
-        # fake mode silently turns real inputs into FakeTensors).
-        seconds["partition"] = seconds.get("partition", 0.0) + time.perf_counter() - t0
-        return rec
-
-    # NOTE: functionalization (views and in-place ops rewritten as pure ops) is a third of the joint trace, and
-    # a region without in-place ops traces to the same ops without it; a trace that holds any mutating op is
-    # made again with it
-    rec = aot(functionalize=False)
-    if _mutates(rec.get("joint") or rec["fw"]) or (rec.get("bw") is not None and _mutates(rec["bw"])):
-        rec = aot(functionalize=True)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.nn.utils.stateless._reparametrize_module(
+            gm, fake_params, tie_weights=True, strict=True, stack_weights=True))
+        stack.enter_context(torch._guards.tracing(torch._guards.TracingContext(dyn_mode)))
+        grad_ctx = contextlib.nullcontext() if trainable else torch.no_grad()
+        with grad_ctx:
+            jd = aot_export_joint_with_descriptors(stack, gm, tuple(fake_args))
+            seconds["joint"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            # NOTE: with logging on (the default), stage 2 renders the joint, forward and backward graphs as text
+            # for torch's structured log whether or not anything reads it: 0.2 s of a decoder layer's capture
+            jd._aot_state.aot_config = dataclasses.replace(jd._aot_state.aot_config, enable_log=False)
+            aot_compile_joint_with_descriptors(jd, partition_fn=partition_fn,
+                                               fw_compiler=grab("fw"), bw_compiler=grab("bw"))
+    # NOTE: the graphs may only be run with real tensors after the ExitStack closed (inside it, Dynamo's
+    # fake mode silently turns real inputs into FakeTensors).
+    seconds["partition"] = time.perf_counter() - t0
     fw, bw = rec["fw"], rec.get("bw")
     if trainable and bw is None:
         raise ValueError("region has nothing trainable: no parameter or input requires grad")
@@ -223,13 +211,6 @@ def capture_region(region: nn.Module, example_args: Sequence[torch.Tensor], *,
         fw=fw, bw=bw, joint=rec.get("joint"), num_fwd_outputs=rec.get("num_fwd_outputs", num_user),
         num_user_outputs=num_user, token_exprs=_token_exprs(fw, dyn_mode.shape_env, token_inputs),
         shape_env=dyn_mode.shape_env, seconds=seconds)
-
-
-def _mutates(gm: fx.GraphModule) -> bool:
-    """Does any op of ``gm`` write one of its inputs (an in-place or out= aten op, a custom op declaring
-    ``mutates_args``)?"""
-    return any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
-               for n in gm.graph.nodes if n.op == "call_function")
 
 
 def dump_captured(captured: CapturedRegion) -> bytes:
