@@ -67,3 +67,24 @@ def test_op_without_rule_is_an_error_naming_it():
     gm = _graph(lambda x: (torch.cumsum(x, 0),), (4, 4))
     with pytest.raises(NoRuleError, match="aten.cumsum"):
         propagate(gm, {}, 2)
+
+
+def test_flops_count_split_work_once_per_rank():
+    """A propagation's FLOPs are each node's FLOPs, divided by tp where the node's work is split over the ranks,
+    whether a count is a polynomial in T (summed as exact coefficients) or not (summed with sympy)."""
+    from types import SimpleNamespace
+
+    from flexc.ir.graph import NODE_INFO
+    from flexc.ir.vocab import TOKEN_SYMBOL as T
+    gm = _graph(lambda x, w1, w2: (torch.ops.aten.silu(x @ w1.t()) @ w2.t() + x,), (8, 4), (6, 4), (4, 6))
+    x, w1, w2 = _names(gm)
+    s = sympy.Symbol("S", positive=True)
+    mm1, mm2 = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == "aten.mm.default"]
+    add = next(n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == "aten.add.Tensor")
+    mm1.meta[NODE_INFO] = SimpleNamespace(flops=48 * T + sympy.Rational(1, 3) * T ** 2, shape=None)
+    mm2.meta[NODE_INFO] = SimpleNamespace(flops=48 * T + s, shape=None)
+    add.meta[NODE_INFO] = SimpleNamespace(flops=4 * T, shape=None)
+    split = propagate(gm, {x: Replicate(), w1: Shard(0), w2: Shard(1)}, 2, outputs=lambda i, a: Replicate())
+    assert sympy.expand(split.flops - ((96 * T + sympy.Rational(1, 3) * T ** 2 + s) / 2 + 4 * T)) == 0
+    whole = propagate(gm, {}, 2, outputs=lambda i, a: Replicate())
+    assert sympy.expand(whole.flops - (100 * T + sympy.Rational(1, 3) * T ** 2 + s)) == 0
