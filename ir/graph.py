@@ -265,7 +265,7 @@ class RegionGraph:
 
     def total_flops(self, phase: str) -> sympy.Expr:
         """Sum of node FLOPs of one graph, a polynomial in T (expanded: ``sympy.simplify`` took 0.2 s a graph)."""
-        return sympy.expand(sum((n.meta[NODE_INFO].flops for n in self.nodes(phase)), sympy.Integer(0)))
+        return sympy.expand(sympy.Add(*(n.meta[NODE_INFO].flops for n in self.nodes(phase))))
 
     def summary(self) -> dict:
         """Counts for plan.json: nodes per phase and per role."""

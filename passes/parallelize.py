@@ -145,7 +145,7 @@ def make_base_plan(graph: "CompiledGraph", options: dict) -> tuple[dict[str, str
             raise ValueError(f"tp_plan {path!r}: cannot read a JSON plan ({e})") from e
         source = "user"
     else:
-        plan, source = _config_plan(graph.model), "config"
+        plan, source = dict(graph.model.get("base_tp_plan") or {}), "config"   # recorded by capture (model_shape)
         if not plan:
             plan, source = dict(MEGATRON_PLAN), "megatron"
     if not isinstance(plan, dict):
@@ -154,16 +154,6 @@ def make_base_plan(graph: "CompiledGraph", options: dict) -> tuple[dict[str, str
         if v not in _STYLES:
             raise ValueError(f"tp plan {k!r}: unsupported style {v!r}; allowed: {', '.join(_STYLES)}")
     return {k: _STYLES[v] for k, v in plan.items()}, source
-
-
-def _config_plan(model: dict) -> dict:
-    """The config's ``base_model_tp_plan``: recorded by capture (``model_shape``), else looked up by class."""
-    if "base_tp_plan" in model:
-        return dict(model["base_tp_plan"])
-    import transformers
-    cls = getattr(transformers, model.get("architecture", ""), None)
-    cfg_cls = getattr(cls, "config_class", None)
-    return dict(getattr(cfg_cls, "base_model_tp_plan", None) or {})
 
 
 def _style(plan: dict[str, str], proj: str) -> str:
