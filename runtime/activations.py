@@ -6,7 +6,9 @@ backward is classified once (:mod:`flexc.ir.saved`): a token tensor's rows of
 each chunk are copied into a per-sequence buffer at their token positions, so
 after the last chunk the buffer holds exactly what a full-sequence forward
 would have saved; ``cu_seqlens`` becomes ``[0, L]`` and sizes are evaluated at
-T = L for the backward.
+T = L for the backward. A sequence whose forward is one chunk alone in its
+batch keeps the forward's own output tensors (no buffer, no copy) when each is
+exactly its rows, contiguous and alone in its storage.
 
 :class:`SavedLayout` holds a region program's classification;
 :class:`ActivationStore` holds one sequence's saved values for every layer and
@@ -26,6 +28,13 @@ from flexc.ir.saved import SavedSlot, SlotKind, saved_slots
 from flexc.ir.vocab import TOKEN_SYMBOL, CapturedRegion
 
 __all__ = ["SavedLayout", "ActivationStore"]
+
+
+def _owns_rows(value: torch.Tensor, dim: int, start: int, size: int) -> bool:
+    """Whether ``value`` is exactly rows [start, start + size) of ``dim`` and nothing else: the whole tensor,
+    contiguous, alone in its storage (so keeping it holds no other bytes alive)."""
+    return (start == 0 and value.shape[dim] == size and value.is_contiguous() and value.storage_offset() == 0
+            and value.untyped_storage().nbytes() == value.numel() * value.element_size())
 
 
 class SavedLayout:
@@ -71,9 +80,12 @@ class ActivationStore:
                     store[i] = store[seen[key]]
                     continue
                 seen[key] = i
+                k = slot.per_token
+                if position == 0 and n == self.length and _owns_rows(value, slot.dim, a * k, n * k):
+                    store[i] = value       # NOTE: a one-chunk sequence: keep the graph's own output, no copy
+                    continue
                 if store[i] is None:
                     store[i] = self._buffer(value, slot)
-                k = slot.per_token
                 store[i].narrow(slot.dim, position * k, n * k).copy_(value.narrow(slot.dim, a * k, n * k))
             elif slot.kind is SlotKind.STATIC:
                 store[i] = value

@@ -102,6 +102,39 @@ def test_chunked_store_equals_full_sequence_saved_values(serving, runner):
         assert max(rel_err(g_store[k], v) for k, v in g_full.items()) < 1e-5
 
 
+class _Keeping(_Recorder):
+    """A recorder that also keeps the saved lists the forward handed over."""
+
+    def __init__(self, store: ActivationStore):
+        super().__init__(store)
+        self.handed: dict[int, list] = {}
+
+    def record_layer(self, layer, saved, rows, position):
+        self.handed[layer] = list(saved)
+        super().record_layer(layer, saved, rows, position)
+
+
+def test_one_chunk_sequence_keeps_the_forward_outputs(serving, runner):
+    """A sequence whose forward is one chunk alone in its batch keeps the forward's own token tensors (no copy),
+    and its backward from the store still gives the full-sequence gradients."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 256, (L,), generator=g).tolist()
+    store = ActivationStore(make_layouts(runner), L)
+    rec = _Keeping(store)
+    serving.run([("ft", ids, list(range(L)), rec)])
+    h, cos, sin = runner.embed_forward(torch.tensor(ids), torch.arange(L))
+    _, full = runner.layers_forward(h, cos, sin, torch.tensor([0, L], dtype=torch.int32), keep_saved=True)
+    for layer, want in enumerate(full):
+        got = store.backward_inputs(layer)
+        kept = [i for i, slot in enumerate(store.layouts[layer].slots)
+                if slot.kind == "rows" and got[i] is rec.handed[layer][i]]
+        assert kept, f"layer {layer}: every token tensor was copied"
+        dh = torch.randn(L, 64, generator=g)
+        g_store = runner.layer_backward(layer, got, dh)[1]
+        g_full = runner.layer_backward(layer, want, dh)[1]
+        assert max(rel_err(g_store[k], v) for k, v in g_full.items()) < 1e-5
+
+
 def test_nbytes_counts_distinct_storages_as_the_plan_predicts(serving, runner):
     """The filled store holds, per layer, the bytes the installed plan saves at T = the sequence length, shared
     inputs (cos, sin) included as the store keeps them per layer, cu_seqlens excluded (rebuilt as [0, L]); a value
