@@ -265,9 +265,10 @@ class LatencyModel:
             return
         r = float(np.median(self._profiled_ratios))
         if self._drift is None and self._outside(r, self.drift_threshold):
+            # NOTE: the profile's grid can also fit this load's iterations poorly (see runtime/profiling.py)
             logger.warning("iterations take %.2fx the profiled time (median of the last %d): the machine is %s than "
-                           "when the latency model was profiled; the model adapts", r, self.drift_window,
-                           "slower (busy?)" if r > 1 else "faster")
+                           "when the latency model was profiled, or the profile fits this load's iterations poorly; "
+                           "the model adapts", r, self.drift_window, "slower (busy?)" if r > 1 else "faster")
             self._drift = Drift(ratio=r, window=self.drift_window, since=self.observations)
         elif self._drift is not None:
             if self._outside(r, self.drift_threshold / 2):

@@ -9,6 +9,17 @@ when it was measured in this context and its fit is sane
 (:mod:`flexc.runtime.latency_checks`); otherwise the grid is profiled, an
 implausible fit is profiled once more and then corrected (with a warning, and
 not saved), and a sane one is saved with its context.
+
+Known gap: a sequence's first backward window also runs the LM head's loss
+(forward and backward over the whole sequence), and no feature of
+:class:`~flexc.runtime.latency.IterationWork` carries it. On SmolLM2 at 1 thread
+the grid's first window (head + 1 layer, 128 tokens) took 0.59-0.67 s and the
+next (15 layers) 0.95 s: the head costs about nine layers. The fit folds it into
+the fixed cost per iteration (0.34 s, where a 1-decode iteration takes 0.19 s),
+so light iterations are over-predicted and mixed ones under-predicted until the
+online refits and the drift rescaling catch up. A feature for the head's tokens
+(in the grid, the model, the policies' window sizing and the simulator's
+roofline) is the fix; it is not built.
 """
 from __future__ import annotations
 
