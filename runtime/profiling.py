@@ -19,7 +19,11 @@ the fixed cost per iteration (0.34 s, where a 1-decode iteration takes 0.19 s),
 so light iterations are over-predicted and mixed ones under-predicted until the
 online refits and the drift rescaling catch up. A feature for the head's tokens
 (in the grid, the model, the policies' window sizing and the simulator's
-roofline) is the fix; it is not built.
+roofline, whose cost model already prices the head apart) was tried with the
+grid at two sequence lengths: it fitted the forward kinds within 1.01-1.17x
+but left decodes beside backward windows 1.24-1.39x off, so those iterations
+hold another unfeatured cost (the optimizer step that ends an accumulation
+group is one candidate). Not built.
 """
 from __future__ import annotations
 
