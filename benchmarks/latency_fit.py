@@ -7,7 +7,10 @@ Builds the ``coserve`` engine of ``benchmarks/coserve.py`` (smollm2-135m fp32, L
 projections, a finetuning job queued), serves the same seeded Poisson load for ``--duration`` seconds, then
 groups the iterations by kind (inference, finetuning forward, finetuning backward, and their mixes) and prints,
 per kind, the median of observed / profiled seconds (the start-up profile's coefficients) and of observed /
-predicted seconds (the model as refined online at that iteration). Nothing is asserted; a JSON is written.
+predicted seconds (the model as refined online at that iteration). It also prints the start-up profile's
+backward samples (a sequence's first window, which runs the loss head, and a later one) and how the run's
+backward time splits between the layer windows and the job's per-window work (gradient bookkeeping and
+optimizer steps, which the profile never runs). Nothing is asserted; a JSON is written.
 """
 from __future__ import annotations
 
@@ -18,12 +21,15 @@ import json
 import os
 import platform
 import statistics
+import time
 
 import torch
 
 from coserve import build_engine
 from flexc import main_job
+from flexc.runtime.finetune import FinetuneJob
 from flexc.runtime.latency import FEATURES
+from flexc.runtime.sequence import FinetuneSequence
 
 
 def kind_of(h: dict) -> str:
@@ -31,6 +37,43 @@ def kind_of(h: dict) -> str:
                                    ("ft forward", h["ft_forward_tokens"] > 0),
                                    ("ft backward", h["ft_backward_layers"] > 0)) if on]
     return " + ".join(parts) or "empty"
+
+
+class _Timer:
+    """Seconds spent in a method of a class while active (wraps it; ``restore`` puts it back)."""
+
+    def __init__(self, cls, name: str):
+        self.cls, self.name, self.orig, self.seconds = cls, name, getattr(cls, name), []
+        orig, seconds = self.orig, self.seconds
+
+        def timed(obj, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return orig(obj, *args, **kwargs)
+            finally:
+                seconds.append(time.perf_counter() - t0)
+        setattr(cls, name, timed)
+
+    def restore(self) -> None:
+        setattr(self.cls, self.name, self.orig)
+
+    def summary(self) -> dict:
+        s = self.seconds
+        return {"calls": len(s), "total_s": round(sum(s), 3),
+                "median_s": round(statistics.median(s), 4) if s else None}
+
+
+def backward_samples(latency) -> list[dict]:
+    """The profile's backward-only samples: layers, tokens per layer and seconds (the feature rows scale layer
+    counts and layer tokens by 1 / num_layers)."""
+    i_tok, i_lay = FEATURES.index("ft_backward_layer_tokens"), FEATURES.index("ft_backward_layers")
+    out = []
+    for row, seconds in latency.samples:
+        if row[i_lay] > 0 and not any(row[j] for j in range(1, len(FEATURES)) if j not in (i_tok, i_lay)):
+            layers = round(row[i_lay] * latency.num_layers)
+            out.append({"layers": layers, "tokens": round(row[i_tok] * latency.num_layers / layers),
+                        "seconds": round(seconds, 4)})
+    return out
 
 
 def main() -> None:
@@ -48,8 +91,21 @@ def main() -> None:
     args.latency_profile, args.device = None, "cpu"
     engine = build_engine("coserve", args)
     coef = [float(c) for c in engine.latency.profiled]
+    grid = backward_samples(engine.latency)
+    for g in grid:
+        print(f"profile: backward window of {g['layers']} layer(s) over {g['tokens']} tokens: {g['seconds']:.3f} s")
     h0 = len(engine.metrics().history)
-    main_job.serve(engine, main_job.make_load(args.rate, args.duration, args.seed), args.duration, drain=True)
+    timers = {"layer windows": _Timer(FinetuneSequence, "backward_window"),
+              "job per-window work": _Timer(FinetuneJob, "on_window"),
+              "optimizer steps": _Timer(FinetuneJob, "_optimizer_step")}
+    try:
+        main_job.serve(engine, main_job.make_load(args.rate, args.duration, args.seed), args.duration, drain=True)
+    finally:
+        for t in timers.values():
+            t.restore()
+    backward = {name: t.summary() for name, t in timers.items()}
+    for name, b in backward.items():
+        print(f"{name:<22} {b['calls']:5d} calls, {b['total_s']:.2f} s in all, median {b['median_s']} s")
     groups: dict[str, list[dict]] = collections.defaultdict(list)
     for h in engine.metrics().history[h0:]:
         if h.get("profiled_s") and h.get("predicted_s"):
@@ -67,6 +123,7 @@ def main() -> None:
               "rate": args.rate, "duration_s": args.duration, "tpot_slo_s": args.tpot_slo,
               "token_budget": args.token_budget, "threads": args.threads, "seed": args.seed,
               "profiled_coefficients": dict(zip(FEATURES, coef)),
+              "profile_backward_samples": grid, "backward_time": backward,
               "rows": rows, "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "date": datetime.date.today().isoformat()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -10,21 +10,20 @@ when it was measured in this context and its fit is sane
 implausible fit is profiled once more and then corrected (with a warning, and
 not saved), and a sane one is saved with its context.
 
-Known gap: a sequence's first backward window also runs the LM head's loss
-(forward and backward over the whole sequence), and no feature of
-:class:`~flexc.runtime.latency.IterationWork` carries it. On SmolLM2 at 1 thread
-the grid's first window (head + 1 layer, 128 tokens) took 0.59-0.67 s and the
-next (15 layers) 0.95 s: the head costs about nine layers. The fit folds it into
-the fixed cost per iteration (0.34 s, where a 1-decode iteration takes 0.19 s),
-so light iterations are over-predicted and mixed ones under-predicted until the
-online refits and the drift rescaling catch up. A feature for the head's tokens
-(in the grid, the model, the policies' window sizing and the simulator's
-roofline, whose cost model already prices the head apart) was tried with the
-grid at two sequence lengths: it fitted the forward kinds within 1.01-1.17x
-but left decodes beside backward windows 1.24-1.39x off, so those iterations
-hold another unfeatured cost. The grid never runs the job's per-window
-gradient bookkeeping or its optimizer step; on that load they took about 9% of
-the backward's time, less than half the gap. Not built.
+Known gap (measured with ``benchmarks/latency_fit.py``): a sequence's first
+backward window also runs the LM head's loss (forward and backward over the
+whole sequence), and no feature of :class:`~flexc.runtime.latency.IterationWork`
+carries it. On SmolLM2 at 1 thread the grid's first window (head + 1 layer, 128
+tokens) took 0.54-0.55 s and the next (15 layers) 0.84-0.88 s: the head costs
+about eight layers. The fit folds it into the fixed cost per iteration (0.29 s,
+where a 1-decode iteration takes 0.19 s), so light iterations are over-predicted
+and mixed ones under-predicted until the online refits and the drift rescaling
+catch up. The grid also runs the layer windows only, not the job's per-window
+gradient bookkeeping and optimizer steps (about 9% of a co-serving run's
+backward time). A feature for the head's tokens (in the grid, the model, the
+policies' window sizing and the simulator's roofline, whose cost model already
+prices the head apart) was tried: it fitted the forward kinds better but not
+decodes beside backward windows, which hold a cost not yet explained. Not built.
 """
 from __future__ import annotations
 
