@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 import warnings
 from typing import Any, Optional, Sequence
@@ -47,7 +48,8 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from flexc.ir.vocab import CapturedRegion, InputKind, InputRef, OutputKind, OutputRef
 
-__all__ = ["capture_region", "partition_joint", "fake_mode", "dump_captured", "load_captured", "compile_dynamic"]
+__all__ = ["capture_region", "partition_joint", "fake_mode", "dump_captured", "load_captured", "compile_dynamic",
+           "forget_inherited_compile_workers"]
 
 
 def fake_mode() -> FakeTensorMode:
@@ -281,6 +283,18 @@ def compile_dynamic(gm: fx.GraphModule) -> Any:
         with shape_config.patch(use_duck_shape=False, backed_size_oblivious=True):
             return compiled(*args)
     return run
+
+
+def forget_inherited_compile_workers() -> None:
+    """Call first thing in a process forked from one that compiled with Inductor.
+
+    Inductor compiles its C++ kernels on a thread pool it creates once per process (and never resets at fork,
+    unlike its process pool). A forked child inherits the pool object without its threads, so its first kernel
+    compile would wait forever. Dropping the pool makes the child create its own. Nothing to do when the parent
+    never imported Inductor's compiler (a spawned process, or one that ran eagerly)."""
+    async_compile = sys.modules.get("torch._inductor.async_compile")
+    if async_compile is not None:
+        async_compile.AsyncCompile.pool.cache_clear()
 
 
 def _boxed(g: fx.GraphModule):

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from flexc.ir.capture import forget_inherited_compile_workers
+
 __all__ = ["ParallelDims", "init_tp", "spawn", "start_workers"]
 
 
@@ -67,6 +69,7 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, fn: Callable, tp: int, port: int, backend: str, args: tuple, threads: int) -> None:
+    forget_inherited_compile_workers()         # a forked rank of a parent that ran Inductor would hang compiling
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(tp),
                       LOCAL_RANK=str(rank))
     if threads:

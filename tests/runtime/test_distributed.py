@@ -1,4 +1,8 @@
 """Tensor-parallel execution on gloo with 2 processes: parity with the single-process run."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 import flexc
@@ -60,3 +64,27 @@ def test_tp2_matches_single_process(arch, passes, from_checkpoint, tmp_path):
     randomize_lora(model)
     ckpt = save_base_weights(model, tmp_path) if from_checkpoint else None
     spawn(_parity, TP, cm, model, ckpt, start_method="fork", threads=1)   # fork: ranks share cm without pickling
+
+
+_FORK_AFTER_INDUCTOR = """
+import torch
+from flexc.runtime.launch import spawn
+
+def rank(dims):
+    out = torch.compile(lambda x: (x.cos() * 3).exp())(torch.ones(7))
+    assert torch.allclose(out, (torch.ones(7).cos() * 3).exp())
+
+torch.compile(lambda x: (x * 2 + 1).sin())(torch.ones(5))   # the parent compiles first: Inductor's pool exists
+spawn(rank, 1, start_method="fork")
+print("ranks done")
+"""
+
+
+def test_forked_rank_compiles_after_the_parent_did(tmp_path):
+    """A rank forked from a process that compiled with Inductor compiles its own kernels (it inherited
+    Inductor's compile thread pool without the threads, and once waited forever)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),   # cold: kernels are compiled
+           "TORCHINDUCTOR_COMPILE_THREADS": "2"}                                  # on the pool, as on 2+ cores
+    done = subprocess.run([sys.executable, "-c", _FORK_AFTER_INDUCTOR], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0 and "ranks done" in done.stdout, done.stderr[-2000:]
