@@ -31,8 +31,10 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
+from flexc.progress import Progress
 from flexc.runtime.metrics import percentile
-from flexc.verdict import MachineLoad, RunFacts, busy_cores, exit_status, judge, read_load, threads_for
+from flexc.verdict import (MachineLoad, RunFacts, busy_cores, decodes_in_flight, exit_status, judge, read_load,
+                           threads_for, tpot_out_of_reach)
 
 if TYPE_CHECKING:
     from flexc.runtime.engine import Engine
@@ -149,35 +151,6 @@ def evaluate(engine: "Engine", items: Sequence[dict], adapter: Optional[str], ma
     res = engine.generate([it["question"] for it in items], max_new_tokens=max_new_tokens, adapter=adapter, chat=True)
     answers = [r.text.strip() for r in res]
     return score_answers(answers, [it["keyword"] for it in items]), answers
-
-
-class Progress:
-    """The live one-line display: rewritten in place on a terminal every ``every`` seconds; elsewhere (logs,
-    pipes) a new line every ``every_pipe`` seconds."""
-
-    def __init__(self, stream: TextIO = sys.stderr, every: float = 1.0, every_pipe: float = 10.0):
-        self.stream = stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.every = every if self.tty else every_pipe
-        self._last = -math.inf
-        self._width = 0
-
-    def update(self, line: str, now: float, force: bool = False) -> None:
-        if not force and now - self._last < self.every:
-            return
-        self._last = now
-        if self.tty:
-            pad = max(self._width - len(line), 0)
-            self.stream.write("\r" + line + " " * pad)
-            self._width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -419,6 +392,12 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
           f"finetuning '{ADAPTER}' on {os.path.basename(args.data)} ({job.total_steps} steps, lr {args.lr:g} "
           "decaying linearly)",
           file=out, flush=True)
+    decode_s = _decode_only_s(engine)
+    k = decodes_in_flight(decode_s, args.rate, sum(r.max_new_tokens for r in load) / len(load)) if load else 0
+    reach = tpot_out_of_reach(k, decode_s(k) if k else None, args.tpot_slo)
+    if reach is not None:
+        print(f"flexc run: warning: {reach} (about {k} requests in flight at {args.rate:g} req/s; start-up "
+              "latency profile)", file=out, flush=True)
 
     h0 = len(engine.metrics().history)
     stats = serve(engine, load, args.duration, job=job, progress=Progress(), tpot_slo=args.tpot_slo,
@@ -427,6 +406,9 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
     m = engine.metrics()                      # NOTE: snapshot before the evaluation adds its own iterations
     # each iteration's time against the start-up profile's prediction of it (the live model refits itself)
     compared = [h for h in m.history[h0:] if h.get("profiled_s")]
+    decodes = sorted(h["decode_tokens"] for h in m.history[h0:] if h.get("decode_tokens"))
+    typical = decodes[len(decodes) // 2] if decodes else 0
+    typical_s = decode_s(typical) if typical else None
     adapter_dir = args.out_dir
     engine.save_adapter(ADAPTER, adapter_dir)
 
@@ -447,7 +429,8 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
                              ft_total_steps=job.total_steps, losses=list(job.loss_history), ft_error=job.error,
                              load=machine, observed_s=sum(h["seconds"] for h in compared) if compared else None,
                              profiled_s=sum(h["profiled_s"] for h in compared) if compared else None,
-                             iterations_compared=len(compared)))
+                             iterations_compared=len(compared), tpot_slo=args.tpot_slo, decodes=typical,
+                             decode_only_s=typical_s))
     summary = {
         "policy": args.policy, "tp": args.tp, "rate": args.rate, "duration_s": round(stats.wall, 1),
         "requests": {"submitted": stats.submitted, "finished": len(res), "aborted_at_end": stats.aborted,
@@ -468,6 +451,12 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
     print(f"wrote       {adapter_dir}/adapter_model.safetensors (PEFT), {png}, "
           f"{os.path.join(args.out_dir, 'summary.json')}", file=out)
     return exit_status(verdict, args.strict)
+
+
+def _decode_only_s(engine: "Engine"):
+    """Seconds the engine's latency model (live: refitted as the run goes) predicts for an iteration of k decodes."""
+    from flexc.runtime.latency import IterationWork
+    return lambda k: engine.latency.predict(IterationWork(decode_tokens=k))
 
 
 def _print_summary(args: argparse.Namespace, summary: dict, m, job, items: list[dict], verdict, out: TextIO) -> None:

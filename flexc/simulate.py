@@ -209,7 +209,7 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from flexc.main_job import Progress
+    from flexc.progress import Progress
     from flexc.runtime.simulator.report import format_table, plot_results, write_json
     if args.png is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
         raise ValueError(f"cannot write {args.png}: its directory does not exist")

@@ -16,6 +16,11 @@ words, and the causes the numbers point at:
   predicted for the same work (a profile taken on a quiet machine and a run on
   a busy one, or the other way round).
 
+* inference alone over the TPOT target: an iteration of only the decodes the
+  run typically held takes longer than the target on this machine (its latency
+  model at the end of the run), so no request can meet it, with or without
+  finetuning (:func:`tpot_out_of_reach` says so before the run as well).
+
 When none applies the verdict says the load is more than this machine serves
 within the SLOs. ``flexc run --strict`` exits 1 when the verdict is not ok.
 
@@ -26,11 +31,13 @@ within the SLOs. ``flexc run --strict`` exits 1 when the verdict is not ok.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-__all__ = ["MachineLoad", "RunFacts", "Verdict", "judge", "read_load", "busy_cores", "threads_for", "exit_status"]
+__all__ = ["MachineLoad", "RunFacts", "Verdict", "judge", "read_load", "busy_cores", "threads_for", "exit_status",
+           "decodes_in_flight", "tpot_out_of_reach"]
 
 BUSY_SHARE = 0.5
 """Other processes' load (runnable tasks) at or above this share of the cores counts as a busy machine."""
@@ -135,6 +142,38 @@ class RunFacts:
     profiled_s: Optional[float] = None
     """What the start-up latency profile predicted for the same iterations."""
     iterations_compared: int = 0
+    tpot_slo: Optional[float] = None
+    """The TPOT target in seconds (None: not judged against the decode-only iteration)."""
+    decodes: int = 0
+    """Decodes in a typical iteration of the run (the median over iterations that held any)."""
+    decode_only_s: Optional[float] = None
+    """Seconds the latency model at the end of the run predicts for an iteration of only those decodes."""
+
+
+def decodes_in_flight(iteration_s: Callable[[int], float], rate: float, mean_new_tokens: float,
+                      limit: int = 1024) -> int:
+    """Requests decoding at once under a steady load of ``rate`` requests/s of ``mean_new_tokens`` tokens each
+    when an iteration of k decodes takes ``iteration_s(k)`` seconds: Little's law (in flight = rate x time in the
+    system, about ``mean_new_tokens`` iterations), solved by iterating from one request."""
+    k = 1
+    for _ in range(64):
+        nxt = max(1, min(limit, math.ceil(rate * mean_new_tokens * iteration_s(k))))
+        if nxt == k:
+            break
+        k = nxt
+    return k
+
+
+def tpot_out_of_reach(decodes: int, decode_only_s: Optional[float], tpot_slo: Optional[float]) -> Optional[str]:
+    """When an iteration of ``decodes`` decodes alone takes longer than the TPOT target, the words for it (with a
+    target that leaves finetuning about half of each iteration); else None."""
+    if not decodes or decode_only_s is None or tpot_slo is None or decode_only_s <= tpot_slo:
+        return None
+    fits = math.ceil(2 * decode_only_s / 0.05) * 0.05
+    return (f"inference alone exceeds the TPOT target on this machine: an iteration of {decodes} decode"
+            f"{'s' if decodes != 1 else ''} takes about {1000 * decode_only_s:.0f} ms, over the "
+            f"{1000 * tpot_slo:.0f} ms target (finetuning then runs at its floor share); --tpot-slo {fits:.2f} "
+            "(about half of each iteration for finetuning) or a lower --rate fits it")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -195,6 +234,9 @@ def judge(facts: RunFacts, *, slow_factor: float = 1.25) -> Verdict:
         v.causes.append(f"iterations took {v.slowdown:.2f}x the time the start-up latency profile predicted "
                         f"({facts.observed_s:.1f} s measured vs {facts.profiled_s:.1f} s over "
                         f"{facts.iterations_compared} iterations): the machine was slower than when it was profiled")
+    reach = tpot_out_of_reach(facts.decodes, facts.decode_only_s, facts.tpot_slo)
+    if reach is not None:
+        v.causes.append(reach + " (the run's typical iteration; its latency model at the end)")
     if not v.causes:
         slow = f"iterations matched the profile ({v.slowdown:.2f}x)" if v.slowdown is not None else \
             "iteration times were not compared with the profile"

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from flexc import main_job
-from flexc.verdict import MachineLoad, RunFacts, busy_cores, exit_status, judge, read_load, threads_for
+from flexc.verdict import (MachineLoad, RunFacts, busy_cores, decodes_in_flight, exit_status, judge, read_load,
+                           threads_for, tpot_out_of_reach)
 
 GOOD = dict(submitted=64, finished=64, slo_met=64, ft_status="completed", ft_steps=96, ft_total_steps=96,
             losses=[2.2, 1.5, 0.8, 0.1])
@@ -88,6 +89,34 @@ def test_causes_when_the_machine_is_not_to_blame():
     assert v.problems == ["the finetuning job failed (3 non-finite steps in a row)"]
     assert v.causes == ["none found in the machine (load of others 0.1 on 2 cores; iterations matched the profile "
                         "(1.05x)): the load or the SLOs ask more than this machine serves"]
+
+
+def test_inference_alone_over_the_tpot_target_is_named():
+    """This machine's quiet default run: 6 decodes alone take 340 ms, over the 250 ms target; the cause says so
+    with a target that fits (twice the decode-only iteration, in 50 ms steps) instead of blaming nothing."""
+    quiet = MachineLoad(cores=2, start=0.1, end=1.5, own_threads=2, busy_fraction=1.0)
+    v = judge(RunFacts(**{**GOOD, "slo_met": 0}, load=quiet, observed_s=114.0, profiled_s=100.0,
+                       iterations_compared=300, tpot_slo=0.25, decodes=6, decode_only_s=0.34))
+    assert v.causes == ["inference alone exceeds the TPOT target on this machine: an iteration of 6 decodes takes "
+                        "about 340 ms, over the 250 ms target (finetuning then runs at its floor share); "
+                        "--tpot-slo 0.70 (about half of each iteration for finetuning) or a lower --rate fits it "
+                        "(the run's typical iteration; its latency model at the end)"]
+    # decodes within the target: the cause is not claimed
+    v = judge(RunFacts(**{**GOOD, "slo_met": 0}, load=quiet, tpot_slo=0.25, decodes=2, decode_only_s=0.2))
+    assert v.causes[0].startswith("none found in the machine")
+    assert tpot_out_of_reach(0, None, 0.25) is None and tpot_out_of_reach(1, 0.3, None) is None
+    assert tpot_out_of_reach(1, 0.3, 0.25).startswith("inference alone exceeds the TPOT target on this machine: an "
+                                                       "iteration of 1 decode takes about 300 ms")
+
+
+@pytest.mark.parametrize("rate,new_tokens,want", [
+    (0.5, 40, 6),        # 0.5 req/s x 40 tokens x 0.28-0.30 s: six in flight
+    (0.0, 40, 1),        # no load: one (the smallest batch a request meets)
+    (50.0, 40, 1024),    # more than any machine serves: capped at the limit
+])
+def test_decodes_in_flight_is_littles_law(rate, new_tokens, want):
+    """In flight = rate x tokens x the iteration time at that many decodes (0.2 s + 15 ms a decode here)."""
+    assert decodes_in_flight(lambda k: 0.2 + 0.015 * k, rate, new_tokens) == want
 
 
 def test_strict_and_slo_target_flags():
