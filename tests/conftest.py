@@ -39,10 +39,14 @@ def smollm2_lora():
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (``make test`` runs two workers on two cores) each worker keeps to one torch thread, and
-    so do the processes tests start: two workers with two OpenMP threads each would spin against each other."""
+    """Under pytest-xdist (``make test`` runs two workers on two cores) each worker keeps to one torch thread and
+    one Inductor compile thread, and so do the processes tests start: two workers with two OpenMP threads each
+    would spin against each other."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
+        # Inductor compiles a worker's kernels one after another, in the worker (its default is a pool of a
+        # compiler per core for each process: two workers and the ranks they start oversubscribed both cores)
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
         torch.set_num_threads(1)
 
 
