@@ -393,7 +393,8 @@ def _drive(args: argparse.Namespace, load: Sequence[LoadRequest], items: list[di
           "decaying linearly)",
           file=out, flush=True)
     decode_s = _decode_only_s(engine)
-    k = decodes_in_flight(decode_s, args.rate, sum(r.max_new_tokens for r in load) / len(load)) if load else 0
+    k = decodes_in_flight(decode_s, args.rate, sum(r.max_new_tokens for r in load) / len(load),
+                          limit=len(load)) if load else 0          # NOTE: a short run never holds more
     reach = tpot_out_of_reach(k, decode_s(k) if k else None, args.tpot_slo)
     if reach is not None:
         print(f"flexc run: warning: {reach} (about {k} requests in flight at {args.rate:g} req/s; start-up "

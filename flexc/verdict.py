@@ -166,14 +166,15 @@ def decodes_in_flight(iteration_s: Callable[[int], float], rate: float, mean_new
 
 def tpot_out_of_reach(decodes: int, decode_only_s: Optional[float], tpot_slo: Optional[float]) -> Optional[str]:
     """When an iteration of ``decodes`` decodes alone takes longer than the TPOT target, the words for it (with a
-    target that leaves finetuning about half of each iteration); else None."""
+    target that would leave finetuning about half of each iteration: twice the decodes' time, in 50 ms steps);
+    else None."""
     if not decodes or decode_only_s is None or tpot_slo is None or decode_only_s <= tpot_slo:
         return None
-    fits = math.ceil(2 * decode_only_s / 0.05) * 0.05
+    half = math.ceil(2 * decode_only_s / 0.05) * 0.05
     return (f"inference alone exceeds the TPOT target on this machine: an iteration of {decodes} decode"
             f"{'s' if decodes != 1 else ''} takes about {1000 * decode_only_s:.0f} ms, over the "
-            f"{1000 * tpot_slo:.0f} ms target (finetuning then runs at its floor share); --tpot-slo {fits:.2f} "
-            "(about half of each iteration for finetuning) or a lower --rate fits it")
+            f"{1000 * tpot_slo:.0f} ms target, so finetuning runs at its floor share; a target near {half:.2f} s "
+            "(--tpot-slo) would leave finetuning about half of each iteration, a lower --rate fewer decodes")
 
 
 @dataclasses.dataclass(kw_only=True)
