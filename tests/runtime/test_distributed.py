@@ -67,24 +67,22 @@ def test_tp2_matches_single_process(arch, passes, from_checkpoint, tmp_path):
 
 
 _FORK_AFTER_INDUCTOR = """
-import torch
+from torch._inductor.async_compile import AsyncCompile
 from flexc.runtime.launch import spawn
 
 def rank(dims):
-    out = torch.compile(lambda x: (x.cos() * 3).exp())(torch.ones(7))
-    assert torch.allclose(out, (torch.ones(7).cos() * 3).exp())
+    assert AsyncCompile.submit(lambda: 41 + 1).result(timeout=60) == 42     # how Inductor compiles a kernel
 
-torch.compile(lambda x: (x * 2 + 1).sin())(torch.ones(5))   # the parent compiles first: Inductor's pool exists
+assert AsyncCompile.submit(lambda: 1).result() == 1      # the parent compiled: Inductor's compile pool exists
 spawn(rank, 1, start_method="fork")
 print("ranks done")
 """
 
 
-def test_forked_rank_compiles_after_the_parent_did(tmp_path):
-    """A rank forked from a process that compiled with Inductor compiles its own kernels (it inherited
-    Inductor's compile thread pool without the threads, and once waited forever)."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),   # cold: kernels are compiled
-           "TORCHINDUCTOR_COMPILE_THREADS": "2"}                                  # on the pool, as on 2+ cores
+def test_forked_rank_compiles_after_the_parent_did():
+    """A rank forked from a process that compiled with Inductor gets its kernel compiles done (it inherited
+    Inductor's compile thread pool without the threads, and once waited forever on its first kernel)."""
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "2"}       # a pool, as on a machine with 2+ cores
     done = subprocess.run([sys.executable, "-c", _FORK_AFTER_INDUCTOR], env=env, capture_output=True, text=True,
                           timeout=180)
     assert done.returncode == 0 and "ranks done" in done.stdout, done.stderr[-2000:]
