@@ -27,7 +27,7 @@ import dataclasses
 import sys
 import time
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import sympy
 import torch
@@ -268,21 +268,47 @@ def load_captured(data: bytes) -> CapturedRegion:
     return captured
 
 
-def compile_dynamic(gm: fx.GraphModule) -> Any:
+def compile_dynamic(gm: fx.GraphModule, *, before_first_call: Optional[Callable[[], None]] = None,
+                    after_first_compile: Optional[Callable[[], None]] = None) -> Any:
     """``gm`` through ``torch.compile`` (Inductor), compiled once for every batch size.
 
     A serving graph's inputs change size every iteration (tokens, sequences, segments, finetuning rows); with
     ``dynamic=True`` alone Dynamo still specializes sizes it first sees as 0 or 1 and ties sizes that happen to
     be equal ("duck sizing"), so batches with no finetuning rows, one sequence or as many segments as sequences
     each recompiled (six compiles in one co-serving test). Each call runs with both turned off.
+
+    ``before_first_call`` runs once, before the first call; ``after_first_compile`` once, when Inductor has
+    compiled the graph and before the compiled code first runs. Tensor-parallel ranks take turns with them:
+    rank 0 compiles first, the other ranks wait and then find its kernels in Inductor's on-disk cache (their
+    graphs are the same), instead of every rank compiling the same kernels at once.
     """
     from torch.fx.experimental import _config as shape_config
-    compiled = torch.compile(gm, dynamic=True, fullgraph=True)
+    backend: Any = "inductor" if after_first_compile is None else _InductorThenCall(after_first_compile)
+    compiled = torch.compile(gm, dynamic=True, fullgraph=True, backend=backend)
+    pending = [before_first_call] if before_first_call is not None else []
 
     def run(*args: Any) -> Any:
+        if pending:
+            pending.pop()()
         with shape_config.patch(use_duck_shape=False, backed_size_oblivious=True):
             return compiled(*args)
     return run
+
+
+class _InductorThenCall(torch._TorchCompileInductorWrapper):
+    """torch.compile's own Inductor backend (same options, same cache keys) that calls ``then`` once, after its
+    first compile and before the compiled code first runs."""
+
+    def __init__(self, then: Callable[[], None]):
+        super().__init__(None, None, True)
+        self._then: Optional[Callable[[], None]] = then
+
+    def __call__(self, model_: Any, inputs_: Any, **kwargs: Any) -> Any:
+        out = super().__call__(model_, inputs_, **kwargs)
+        if self._then is not None:
+            then, self._then = self._then, None
+            then()
+        return out
 
 
 def forget_inherited_compile_workers() -> None:

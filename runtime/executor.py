@@ -186,7 +186,8 @@ class Executor:
     def _callable(self, gm: fx.GraphModule) -> Callable[..., Any]:
         if self.backend == "eager":
             return gm.forward
-        return compile_dynamic(gm)
+        before, after = self.runner.compile_turn()
+        return compile_dynamic(gm, before_first_call=before, after_first_compile=after)
 
     def _bind_layer(self, i: int, gm: fx.GraphModule, fn: Callable[..., Any]) -> _LayerCall:
         """Layer i's serving-graph call with its weights, adapter stacks and scalings bound (the stacks never

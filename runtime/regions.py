@@ -12,7 +12,7 @@ eager HF+PEFT model's for the same packed batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -92,6 +92,11 @@ class RegionRunner:
         """The serving graph of every layer template (built by the ``serve`` pass), by template name."""
         report = self.compiled.pass_report("serve")
         return {name: report.graphs[name] for name in dict.fromkeys(self.compiled.graph.layer_regions)}
+
+    def compile_turn(self) -> tuple[Optional[Callable[[], None]], Optional[Callable[[], None]]]:
+        """(run before a compiled serving graph's first call, run right after its first compile): how this
+        process takes its turn compiling beside others; one process has nobody to wait for."""
+        return None, None
 
     def layer_program(self, i: int) -> RegionProgram:
         return self.programs[self.compiled.graph.layer_regions[i]]

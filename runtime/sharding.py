@@ -30,11 +30,14 @@ __all__ = ["shard_tensor", "layer_shards", "load_sharded_model", "ShardPlan", "l
 
 
 def shard_tensor(t: torch.Tensor, placement: Placement, rank: int, tp: int) -> torch.Tensor:
-    """Rank ``rank``'s part of a whole tensor (a contiguous copy for shards, the tensor itself if replicated)."""
+    """Rank ``rank``'s part of a whole tensor (a copy with its own storage for shards, the tensor itself if
+    replicated). NOTE: a copy even where the slice is already contiguous (rows of a row-major weight): a view
+    would start at a different storage offset on every rank, and a graph compiled for one rank would not be
+    the same graph on the next (Inductor's cache then compiles it again on every rank)."""
     if isinstance(placement, Shard):
         if t.shape[placement.dim] % tp:
             raise ValueError(f"dim {placement.dim} of size {t.shape[placement.dim]} does not split over {tp} ranks")
-        return t.chunk(tp, placement.dim)[rank].contiguous()
+        return t.chunk(tp, placement.dim)[rank].clone(memory_format=torch.contiguous_format)
     return t
 
 

@@ -86,3 +86,17 @@ def test_forked_rank_compiles_after_the_parent_did():
     done = subprocess.run([sys.executable, "-c", _FORK_AFTER_INDUCTOR], env=env, capture_output=True, text=True,
                           timeout=180)
     assert done.returncode == 0 and "ranks done" in done.stdout, done.stderr[-2000:]
+
+
+def test_every_rank_gets_its_shard_in_its_own_storage():
+    """A shard is a copy laid out the same on every rank (offset 0, contiguous), even where the slice of the whole
+    tensor is already contiguous (rows): a graph compiled on rank 0 is then the same graph on the others, which
+    load its kernels from Inductor's cache instead of compiling them again (``TPRegionRunner.compile_turn``)."""
+    import torch
+    w = torch.arange(24.0).reshape(4, 6)
+    for dim in (0, 1):
+        shards = [shard_tensor(w, Shard(dim), r, 2) for r in range(2)]
+        assert all(s.storage_offset() == 0 and s.is_contiguous() for s in shards)
+        assert all(s.untyped_storage().data_ptr() != w.untyped_storage().data_ptr() for s in shards)
+        assert [s.stride() for s in shards] == [shards[0].stride()] * 2
+        assert torch.equal(torch.cat(shards, dim), w)
