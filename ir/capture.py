@@ -49,7 +49,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from flexc.ir.vocab import CapturedRegion, InputKind, InputRef, OutputKind, OutputRef
 
 __all__ = ["capture_region", "partition_joint", "fake_mode", "dump_captured", "load_captured", "compile_dynamic",
-           "forget_inherited_compile_workers"]
+           "DynamicallyCompiled", "forget_inherited_compile_workers"]
 
 
 def fake_mode() -> FakeTensorMode:
@@ -268,8 +268,9 @@ def load_captured(data: bytes) -> CapturedRegion:
     return captured
 
 
-def compile_dynamic(gm: fx.GraphModule, *, before_first_call: Optional[Callable[[], None]] = None,
-                    after_first_compile: Optional[Callable[[], None]] = None) -> Any:
+def compile_dynamic(gm: fx.GraphModule, *, token_args: Sequence[int] = (),
+                    before_first_call: Optional[Callable[[], None]] = None,
+                    after_first_compile: Optional[Callable[[], None]] = None) -> "DynamicallyCompiled":
     """``gm`` through ``torch.compile`` (Inductor), compiled once for every batch size.
 
     A serving graph's inputs change size every iteration (tokens, sequences, segments, finetuning rows); with
@@ -277,37 +278,59 @@ def compile_dynamic(gm: fx.GraphModule, *, before_first_call: Optional[Callable[
     be equal ("duck sizing"), so batches with no finetuning rows, one sequence or as many segments as sequences
     each recompiled (six compiles in one co-serving test). Each call runs with both turned off.
 
+    ``token_args``: the arguments whose dim 0 is the batch's token count. It is compiled as a size nothing may be
+    assumed of ("unbacked"); otherwise Inductor's lowering of a view guards on it being above 1, and the first
+    batch of one token (one sequence decoding) compiled the graph a second time (about 10 s for a tiny layer on
+    this CPU, in the middle of serving).
+
     ``before_first_call`` runs once, before the first call; ``after_first_compile`` once, when Inductor has
     compiled the graph and before the compiled code first runs. Tensor-parallel ranks take turns with them:
     rank 0 compiles first, the other ranks wait and then find its kernels in Inductor's on-disk cache (their
     graphs are the same), instead of every rank compiling the same kernels at once.
     """
-    from torch.fx.experimental import _config as shape_config
-    backend: Any = "inductor" if after_first_compile is None else _InductorThenCall(after_first_compile)
-    compiled = torch.compile(gm, dynamic=True, fullgraph=True, backend=backend)
-    pending = [before_first_call] if before_first_call is not None else []
+    return DynamicallyCompiled(gm, tuple(token_args), before_first_call, after_first_compile)
 
-    def run(*args: Any) -> Any:
-        if pending:
-            pending.pop()()
+
+class DynamicallyCompiled:
+    """A graph compiled by :func:`compile_dynamic` (call it as the graph); ``compiles`` counts Inductor's compiles
+    of it so far."""
+
+    def __init__(self, gm: fx.GraphModule, token_args: tuple[int, ...],
+                 before_first_call: Optional[Callable[[], None]], after_first_compile: Optional[Callable[[], None]]):
+        self.compiles = 0
+        self._token_args, self._before, self._after = token_args, before_first_call, after_first_compile
+        self._first = True
+        self._compiled = torch.compile(gm, dynamic=True, fullgraph=True, backend=_CountingInductor(self))
+
+    def compiled_once_more(self) -> None:
+        """Called by the backend after each compile, before the compiled code runs."""
+        self.compiles += 1
+        if self._after is not None:
+            after, self._after = self._after, None
+            after()
+
+    def __call__(self, *args: Any) -> Any:
+        from torch.fx.experimental import _config as shape_config
+        if self._first:
+            self._first = False
+            if self._before is not None:
+                self._before()
+            for j in self._token_args:
+                torch._dynamo.decorators.mark_unbacked(args[j], 0)
         with shape_config.patch(use_duck_shape=False, backed_size_oblivious=True):
-            return compiled(*args)
-    return run
+            return self._compiled(*args)
 
 
-class _InductorThenCall(torch._TorchCompileInductorWrapper):
-    """torch.compile's own Inductor backend (same options, same cache keys) that calls ``then`` once, after its
-    first compile and before the compiled code first runs."""
+class _CountingInductor(torch._TorchCompileInductorWrapper):
+    """torch.compile's own Inductor backend (same options, same cache keys) that tells ``owner`` of each compile."""
 
-    def __init__(self, then: Callable[[], None]):
+    def __init__(self, owner: DynamicallyCompiled):
         super().__init__(None, None, True)
-        self._then: Optional[Callable[[], None]] = then
+        self._owner = owner
 
     def __call__(self, model_: Any, inputs_: Any, **kwargs: Any) -> Any:
         out = super().__call__(model_, inputs_, **kwargs)
-        if self._then is not None:
-            then, self._then = self._then, None
-            then()
+        self._owner.compiled_once_more()
         return out
 
 

@@ -38,8 +38,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from flexc.ir.capture import compile_dynamic
+from flexc.ir.capture import DynamicallyCompiled, compile_dynamic
 from flexc.ir.program import bind_inputs
+from flexc.ir.regions import TOKEN_INPUTS
 from flexc.ir.spec import KVCacheSpec
 from flexc.ir.vocab import InputKind, InputRef
 from flexc.kernels.lora_ref import make_segments
@@ -176,18 +177,28 @@ class Executor:
         graphs = self.runner.serving_graphs()
         self._has_lora = any(report.regions[name].lora_linears for name in graphs)
         fns = {name: self._callable(gm) for name, gm in graphs.items()}
+        self._compiled = [fn for fn in fns.values() if isinstance(fn, DynamicallyCompiled)]
         self._layers = [self._bind_layer(i, graphs[name], fns[name])
                         for i, name in enumerate(compiled.graph.layer_regions)]
         self._generators: dict[str, torch.Generator] = {}
         self.compile_seconds = 0.0
         """Seconds spent compiling serving graphs (``inductor``: the first batches that use them)."""
 
+    @property
+    def graph_compiles(self) -> int:
+        """How many times the serving graphs were compiled so far (``inductor``: once per layer template, whatever
+        the batches; ``eager``: 0)."""
+        return sum(fn.compiles for fn in self._compiled)
+
     # ------------------------------------------------------------------ binding
     def _callable(self, gm: fx.GraphModule) -> Callable[..., Any]:
         if self.backend == "eager":
             return gm.forward
+        refs = [p.meta["flexc_ref"] for p in gm.graph.find_nodes(op="placeholder")]
+        tokens = [j for j, r in enumerate(refs) if r.kind is InputKind.USER and r.index in TOKEN_INPUTS["layer"]]
         before, after = self.runner.compile_turn()
-        return compile_dynamic(gm, before_first_call=before, after_first_compile=after)
+        return compile_dynamic(gm, token_args=tokens if self.runner.unbacked_token_count else (),
+                               before_first_call=before, after_first_compile=after)
 
     def _bind_layer(self, i: int, gm: fx.GraphModule, fn: Callable[..., Any]) -> _LayerCall:
         """Layer i's serving-graph call with its weights, adapter stacks and scalings bound (the stacks never

@@ -93,6 +93,10 @@ class RegionRunner:
         report = self.compiled.pass_report("serve")
         return {name: report.graphs[name] for name in dict.fromkeys(self.compiled.graph.layer_regions)}
 
+    unbacked_token_count = True
+    """Whether compiled serving graphs take the token count as a size nothing is assumed of
+    (:func:`flexc.ir.capture.compile_dynamic`), so that no batch size compiles them again."""
+
     def compile_turn(self) -> tuple[Optional[Callable[[], None]], Optional[Callable[[], None]]]:
         """(run before a compiled serving graph's first call, run right after its first compile): how this
         process takes its turn compiling beside others; one process has nobody to wait for."""

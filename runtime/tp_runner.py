@@ -73,6 +73,11 @@ class TPRegionRunner(RegionRunner):
         return {name: bind_group(report.sharded[name], self.dims.group_name)
                 for name in dict.fromkeys(self.compiled.graph.layer_regions)}
 
+    unbacked_token_count = False
+    """NOTE: torch 2.13: a rank that loads from Inductor's cache a serving graph (with collectives) that rank 0
+    compiled with an unbacked token count fails at its first call (``NameError: name 's34' is not defined``), so
+    on ranks the count stays an ordinary dynamic size; the first one-token batch compiles once more."""
+
     def compile_turn(self) -> tuple[Optional[Callable[[], None]], Optional[Callable[[], None]]]:
         """Rank 0 compiles each serving graph first and the other ranks wait for it (a barrier), then load its
         kernels from Inductor's on-disk cache: every rank's graph is the same, and ranks compiling the same

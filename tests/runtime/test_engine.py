@@ -129,15 +129,17 @@ def test_smollm2_greedy_matches_transformers(smollm2):
 def test_smollm2_inductor_gives_eager_tokens(smollm2):
     """The embedded model's serving graph compiled by Inductor (dynamic in the token count) gives the eager
     engine's greedy tokens (transformers', test_smollm2_greedy_matches_transformers) for a batch of prompts of
-    different lengths, and the compile time is reported. The tiny configs' Inductor tokens, with an adapter
-    being trained, equal PEFT's (tests/runtime/test_policies.py::test_coserved_sgd_equals_peft[inductor])."""
+    different lengths and for one prompt alone (one compile serves both), and the compile time is reported. The
+    tiny configs' Inductor tokens, with an adapter being trained, equal PEFT's
+    (tests/runtime/test_policies.py::test_coserved_sgd_equals_peft[inductor])."""
     eager, _ = smollm2
     engine = Engine(eager.compiled, eager.model, tokenizer=eager.tokenizer,
                     config=EngineConfig(kv_cache_tokens=2048, token_budget=16, backend="inductor"))
     prompts = ["The capital of France is", "List three colours:", "Once upon a time, in a small village by the sea,"]
     want = [r.token_ids for r in eager.generate(prompts, max_new_tokens=6)]
     assert [r.token_ids for r in engine.generate(prompts, max_new_tokens=6)] == want
-    assert engine.executor.compile_seconds > 0
+    assert engine.generate(prompts[1], max_new_tokens=3)[0].token_ids == want[1][:3]   # decodes of one token
+    assert engine.executor.compile_seconds > 0 and engine.executor.graph_compiles == 1
 
 
 @pytest.fixture(scope="module")
