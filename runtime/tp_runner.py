@@ -81,8 +81,9 @@ class TPRegionRunner(RegionRunner):
     def compile_turn(self) -> tuple[Optional[Callable[[], None]], Optional[Callable[[], None]]]:
         """Rank 0 compiles each serving graph first and the other ranks wait for it (a barrier), then load its
         kernels from Inductor's on-disk cache: every rank's graph is the same, and ranks compiling the same
-        kernels at once only share the cores (on this 2-core CPU: 36 s a rank). The ranks of one group run on
-        one machine (``start_workers`` or torchrun), so they share that cache."""
+        kernels at once only share the cores (on this 2-core CPU: 36 s a rank). Ranks started by
+        ``start_workers``, or by torchrun on one machine, share that cache; a rank on another machine compiles
+        its own after rank 0 (correct, only later)."""
         return (None, dist.barrier) if self.dims.rank == 0 else (dist.barrier, None)
 
     def placement(self, param_name: str) -> Placement:

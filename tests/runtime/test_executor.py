@@ -59,13 +59,15 @@ ADAPTERS = {"a": dict(seed=1), "b": dict(seed=2, targets=("q_proj", "v_proj")), 
 
 @pytest.fixture(scope="module")
 def lora_executor(tmp_path_factory):
-    """A 2-layer llama, three PEFT adapters (one on a subset of the targets, one with another alpha), resident in
-    a registry, and an executor over them."""
+    """A 2-layer llama compiled with LoRA on all seven projections, three PEFT adapters on subsets of them (one
+    with another alpha), resident in a registry, and an executor over them."""
     root = tmp_path_factory.mktemp("multi")
     d = save_tiny_model(root, "llama", num_hidden_layers=2)
     dirs = {name: save_tiny_adapter(d, str(root / name), **kw) for name, kw in ADAPTERS.items()}
     src = resolve_model(d)
-    spec = LoraSpec(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    # NOTE: the spec of tests/runtime/test_policies.py (all seven projections): the Inductor cases of both files
+    # compile the same serving graph, so the second loads the first's kernels from Inductor's cache
+    spec = LoraSpec(r=4, alpha=8)
     cm = flexc.compile(src, lora=spec, dtype="fp32", seq_len=16)
     model = load_model(src, spec, "fp32")
     reg = AdapterRegistry(spec, model, max_adapters=4)
@@ -104,10 +106,15 @@ def _peft_last_logits(model_dir, adapter_dir, ids):
         return m(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
-def test_mixed_adapters_run_each_layer_once_and_match_peft(lora_executor):
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.xdist_group("tiny-inductor"))])
+def test_mixed_adapters_run_each_layer_once_and_match_peft(lora_executor, backend):
     """Prefills and then decodes of requests for adapters a, b, c and none, interleaved in one batch, run each
-    layer's graph ONCE per batch and give PEFT's logits for each request's adapter (1e-5, fp32)."""
+    layer's graph ONCE per batch and give PEFT's logits for each request's adapter (1e-5, fp32), with the serving
+    graphs run as captured or compiled by Inductor (the same adapters' stacks: one registry serves both)."""
     d, dirs, ex = lora_executor
+    if backend == "inductor":
+        ex = Executor(ex.compiled, ex.runner.model, kv_spec=ex.kv_spec, num_blocks=ex.num_blocks,
+                      adapters=ex.adapters, backend="inductor")
     adapters = ["a", None, "b", "c", None, "a", "c"]
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7, 1, 4)]
@@ -129,6 +136,7 @@ def test_mixed_adapters_run_each_layer_once_and_match_peft(lora_executor):
         assert rel_err(first[f"r{j}"], _peft_last_logits(d, ad, p)) < 1e-5, (j, a)
         assert rel_err(second[f"r{j}"], _peft_last_logits(d, ad, p + [nxt[f"r{j}"]])) < 1e-5, (j, a)
     assert rel_err(first["r0"], first["r1"]) > 1e-3          # the adapters change the logits (not vacuous)
+    assert ex.graph_compiles == (backend == "inductor")      # one compile for the prefills and the decodes
 
 
 def test_adapter_updates_are_seen_by_the_next_batch(lora_executor):

@@ -60,7 +60,8 @@ def _peft_sgd(model, init, data, lr, grad_accum):
     return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
+# NOTE: the Inductor case shares its worker with test_executor.py's (the same serving graph: one of them compiles)
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.xdist_group("tiny-inductor"))])
 def test_coserved_sgd_equals_peft(setup, tmp_path, backend):
     """SGD steps co-served with inference requests (chunked forward, windowed backward) equal PEFT's adapter, with
     the serving graphs run as captured or compiled by Inductor (once, for every batch shape); the saved adapter
