@@ -29,7 +29,7 @@ class EngineConfig:
     """LoRA adapters resident at once."""
     backend: str = "eager"
     """How the serving graphs run: ``eager`` (as captured, op by op) or ``inductor`` (``torch.compile``, dynamic
-    in the token count; compiled at the first batches, see ``executor.compile_seconds``)."""
+    in the token count; compiled when the engine is built, see ``executor.compile_seconds``)."""
     tpot_slo: float = 0.2
     """Target seconds per output token; the co-serving policy fills iterations with finetuning up to it."""
     ttft_slo: float = 5.0

@@ -39,7 +39,7 @@ from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, FinetuneQueue
 from flexc.runtime.latency import LatencyModel, forward_work, iteration_work
 from flexc.runtime.latency_checks import flop_costs, profile_context
 from flexc.runtime.policies import make_policy
-from flexc.runtime.profiling import load_or_profile, profile_latency
+from flexc.runtime.profiling import compile_serving_graphs, load_or_profile, profile_latency
 from flexc.runtime.metrics import EngineMetrics, MetricsRecorder
 from flexc.runtime.config import EngineConfig, resolve_device
 from flexc.runtime.executor import Executor, make_kv_spec
@@ -93,6 +93,8 @@ class Engine:
             policy = "coserve"
         self._init_loop(KVCacheManager(num_blocks, kv_spec.block_size),
                         LatencyModel(len(compiled.graph.layer_regions)), policy)
+        # NOTE: a compiled backend compiles here, not at the first request (whose TTFT it would take)
+        compile_serving_graphs(self.executor, self.kv, self.vocab_size)
         # NOTE: a co-serving policy picked by default profiles at the first finetune(): serving alone starts fast
         if self._needs_latency_fit() and (chosen or not self.profile_lazily):
             self.fit_latency_model()

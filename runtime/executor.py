@@ -182,12 +182,14 @@ class Executor:
                         for i, name in enumerate(compiled.graph.layer_regions)]
         self._generators: dict[str, torch.Generator] = {}
         self.compile_seconds = 0.0
-        """Seconds spent compiling serving graphs (``inductor``: the first batches that use them)."""
+        """Seconds spent compiling serving graphs (``inductor``: the first batch, which the engine runs when it is
+        built)."""
 
     @property
     def graph_compiles(self) -> int:
-        """How many times the serving graphs were compiled so far (``inductor``: once per layer template, whatever
-        the batches; ``eager``: 0)."""
+        """How many times this executor compiled its serving graphs (``inductor``: once per layer template, whatever
+        the batches; ``eager``: 0; graphs of a compiled model that another executor in this process already
+        compiled are reused: 0)."""
         return sum(fn.compiles for fn in self._compiled)
 
     # ------------------------------------------------------------------ binding

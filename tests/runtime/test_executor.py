@@ -221,3 +221,18 @@ def test_one_iteration_reads_each_base_projection_once(lora_executor):
     assert counter.count == {name: 1 for name in base}
     for sid in ("f5", "f6"):
         assert fts[sid].forward_done_pos == 7 and all(fts[sid].store._written[i] == 7 for i in range(2))
+
+
+@pytest.mark.xdist_group("tiny-inductor")
+def test_latency_profile_of_a_compiled_backend_times_no_compile(lora_executor):
+    """The start-up latency profile of an Inductor executor compiles before it times anything: every sample is an
+    iteration, none holds the compile (which would price a one-sequence decode at seconds)."""
+    from flexc.runtime.kv_cache import KVCacheManager
+    from flexc.runtime.profiling import profile_latency
+    _, _, ex = lora_executor
+    # NOTE: its own compiled model: graphs that another executor in this process compiled are not compiled again
+    cm = flexc.compile(ex.compiled.source, lora=ex.compiled.lora, dtype="fp32", seq_len=16)
+    ex = Executor(cm, ex.runner.model, kv_spec=ex.kv_spec, num_blocks=512, adapters=ex.adapters, backend="inductor")
+    samples = profile_latency(ex, KVCacheManager(512, ex.kv_spec.block_size), 256, 64, repeats=1)
+    assert ex.graph_compiles == 1 and ex.compile_seconds > 0
+    assert samples and max(seconds for _, seconds in samples) < ex.compile_seconds
