@@ -105,28 +105,37 @@ def _saved_profile(path: str, context: ProfileContext,
     return (None, f"its fit is implausible ({'; '.join(problems)})") if problems else (saved, None)
 
 
+def _scratch_seq(kv: "KVCacheManager", rid: str, token_ids: list[int], n_ctx: int) -> ScheduledSequence:
+    """An inference sequence on scratch KV blocks (the caller frees them): ``token_ids`` after ``n_ctx`` tokens."""
+    if kv.allocate_slots(rid, n_ctx + len(token_ids)) is None:
+        raise ValueError("the KV cache is too small for the start-up batches (the compile, the latency profile); "
+                         "raise kv_cache_tokens")
+    kind = SeqKind.DECODE if len(token_ids) == 1 else SeqKind.PREFILL
+    return ScheduledSequence(req_id=rid, kind=kind, adapter_id=None, token_ids=token_ids, num_computed_tokens=n_ctx,
+                             block_ids=list(kv.get_block_ids(rid)), sample=True)
+
+
+def _batch(seqs: list[ScheduledSequence], backward: Optional[dict] = None) -> SchedulerOutput:
+    return SchedulerOutput(seqs=seqs, num_scheduled_tokens={s.req_id: len(s.token_ids) for s in seqs},
+                           total_num_scheduled_tokens=sum(len(s.token_ids) for s in seqs),
+                           finetune_backward=backward or {})
+
+
 def compile_serving_graphs(executor: "Executor", kv: "KVCacheManager", vocab_size: int) -> None:
     """Run the compiles of a compiled backend now (nothing to do eagerly): two scratch decode batches, of two
     sequences and of one (on tensor-parallel ranks, where the token count is not compiled unbacked, a batch of one
     token is a compile of its own). Seconds to a minute; the scratch KV blocks are freed after."""
     if executor.backend == "eager":
         return
-    g = torch.Generator().manual_seed(0)
     for d in (2, 1):
-        rids = [f"__compile_{j}" for j in range(d)]
         seqs = []
-        for rid in rids:
-            if kv.allocate_slots(rid, 5) is None:
-                raise ValueError("the KV cache is too small to compile the serving graphs; raise kv_cache_tokens")
-            seqs.append(ScheduledSequence(req_id=rid, kind=SeqKind.DECODE, adapter_id=None,
-                                          token_ids=torch.randint(0, vocab_size, (1,), generator=g).tolist(),
-                                          num_computed_tokens=4, block_ids=list(kv.get_block_ids(rid)), sample=True))
         try:
-            executor.execute(SchedulerOutput(seqs=seqs, num_scheduled_tokens={rid: 1 for rid in rids},
-                                             total_num_scheduled_tokens=d))
+            for j in range(d):
+                seqs.append(_scratch_seq(kv, f"__compile_{j}", [j % vocab_size], 4))
+            executor.execute(_batch(seqs))
         finally:
-            for rid in rids:
-                kv.free(rid)
+            for seq in seqs:
+                kv.free(seq.req_id)
 
 
 def profile_latency(executor: "Executor", kv: "KVCacheManager", vocab_size: int, max_len: int,
@@ -148,17 +157,10 @@ def profile_latency(executor: "Executor", kv: "KVCacheManager", vocab_size: int,
         return torch.randint(0, vocab_size, (n,), generator=g).tolist()
 
     def inference_seq(n_new: int, n_ctx: int) -> ScheduledSequence:
-        rid = f"__profile_{next(ids)}"
-        if kv.allocate_slots(rid, n_ctx + n_new) is None:
-            raise ValueError("the KV cache is too small to profile the latency model; raise kv_cache_tokens")
-        kind = SeqKind.DECODE if n_new == 1 else SeqKind.PREFILL
-        return ScheduledSequence(req_id=rid, kind=kind, adapter_id=None, token_ids=toks(n_new), num_computed_tokens=n_ctx,
-                                 block_ids=list(kv.get_block_ids(rid)), sample=True)
+        return _scratch_seq(kv, f"__profile_{next(ids)}", toks(n_new), n_ctx)
 
     def timed(seqs, backward=None, ft=None) -> None:
-        batch = SchedulerOutput(seqs=seqs, num_scheduled_tokens={s.req_id: len(s.token_ids) for s in seqs},
-                                total_num_scheduled_tokens=sum(len(s.token_ids) for s in seqs),
-                                finetune_backward=backward or {})
+        batch = _batch(seqs, backward)
         t0 = time.perf_counter()
         if seqs:
             executor.execute(batch, ft)
