@@ -21,6 +21,10 @@ It is the installed forward graph (the prune pass's partition) with three change
    dimension at ``train_rows``), so inference rows pay for nothing but the shared computation. Sizes and
    ``cu_seqlens`` are returned as they are (the activation store evaluates them for the whole sequence).
 
+The pass also builds the serving form of the logits region (tp = 1): its vocabulary projection
+``mm(h, t(lm_head.weight))`` becomes ``flexc::skinny_mm`` (:mod:`flexc.kernels.matmul`), which a decode
+batch's few rows run several times faster on a CPU.
+
 With tensor parallelism (the ``parallelize`` pass ran), the same is built from each sharded forward graph:
 the ranks run the same serving graphs, sharded. The runtime binds inputs by the placeholders' kinds
 (:class:`~flexc.ir.vocab.InputKind`) and runs the graphs; it rewrites none.
@@ -39,6 +43,7 @@ import torch
 import torch.fx as fx
 
 import flexc.kernels.attention  # noqa: F401  (registers flexc::attention and flexc::paged_attention)
+import flexc.kernels.matmul  # noqa: F401  (registers flexc::skinny_mm)
 from flexc.ir.graph import CompiledGraph, value_bytes
 from flexc.ir.program import RegionProgram
 from flexc.ir.saved import SlotKind, saved_slots
@@ -49,7 +54,8 @@ from flexc.passes.serve_summary import serving_summary_lines
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["serve", "ServeReport", "ServingGraphInfo", "build_serving_graph", "serving_summary_lines", "PAGED_INPUTS"]
+__all__ = ["serve", "ServeReport", "ServingGraphInfo", "build_serving_graph", "build_serving_logits",
+           "serving_summary_lines", "PAGED_INPUTS"]
 
 _aten = torch.ops.aten
 PAGED_INPUTS = (InputKind.K_CACHE, InputKind.V_CACHE, InputKind.BLOCK_TABLES, InputKind.CONTEXT_LENS,
@@ -87,6 +93,8 @@ class ServeReport:
     """Layer template -> serving graph (tp = 1)."""
     sharded: dict[str, fx.GraphModule] = dataclasses.field(default_factory=dict)
     """Layer template -> serving graph of one tensor-parallel rank (built from the sharded forward graph)."""
+    logits: Optional[fx.GraphModule] = None
+    """The logits region's forward with its vocabulary projection as ``flexc::skinny_mm`` (tp = 1)."""
 
     def to_dict(self) -> dict:
         return {"modified": self.modified, "sharded_regions": list(self.sharded_regions),
@@ -178,6 +186,32 @@ def build_serving_graph(program: RegionProgram, captured: CapturedRegion) -> tup
     return fx.GraphModule(fw, g), info
 
 
+def build_serving_logits(fw: fx.GraphModule) -> fx.GraphModule:
+    """The logits region's forward with each ``mm(x, t(weight))`` (a weight placeholder) as
+    ``flexc::skinny_mm(x, weight)``; ValueError if it has none."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in fw.graph.nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    count = 0
+    for n in list(g.find_nodes(op="call_function", target=_aten.mm.default)):
+        x, wt = n.args
+        if not (isinstance(wt, fx.Node) and wt.target is _aten.t.default and wt.args[0].op == "placeholder"
+                and wt.args[0].meta["flexc_ref"].kind is InputKind.PARAM):
+            continue
+        with g.inserting_before(n):
+            mm = g.call_function(torch.ops.flexc.skinny_mm.default, (x, wt.args[0]))
+        mm.meta.update(n.meta)
+        n.replace_all_uses_with(mm)
+        g.erase_node(n)
+        count += 1
+    if not count:
+        raise ValueError("serve: the logits region has no mm(x, t(weight)) to run as flexc::skinny_mm")
+    g.eliminate_dead_code()
+    g.lint()
+    return fx.GraphModule(fw, g)
+
+
 def _sharded_programs(ctx: PassContext) -> Optional[dict[str, Any]]:
     rep = ctx.results.get("parallelize")
     if rep is None or getattr(rep, "tp", 1) <= 1:
@@ -198,5 +232,7 @@ def serve(graph: CompiledGraph, ctx: PassContext) -> ServeReport:
             fw, bw = sharded[name]
             report.sharded[name], _ = build_serving_graph(RegionProgram(fw, bw, (0, 1, 2)), region.captured)
             report.sharded_regions.append(name)
+    if "logits" in graph.regions:
+        report.logits = build_serving_logits(graph.regions["logits"].fw)
     logger.info("serve: %d serving graphs%s", len(report.graphs), " (+ sharded)" if sharded else "")
     return report

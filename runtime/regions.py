@@ -76,13 +76,23 @@ class RegionRunner:
         self.logits_head = LogitsRegion(lm)
         self.layer_modules = (list(layer_modules) if layer_modules is not None
                               else [LayerRegion(layer) for layer in self.layers])
-        self.programs = programs if programs is not None else {
-            name: RegionProgram(r.fw, r.bw, TOKEN_INPUTS[name.split(".")[0]]) for name, r in compiled.regions.items()}
+        self.programs = programs if programs is not None else self._programs(compiled)
         self._layer_prefix = layer_prefixes(model)
         self.num_kv_heads: int = compiled.graph.model["num_kv_heads"]
         """KV heads the attention runs over (the tensor-parallel runner: this rank's)."""
         self.shards: Optional["ShardPlan"] = None
         """Where each parameter lives at tp > 1 (set by the tensor-parallel runner); None: all tensors whole."""
+
+    @staticmethod
+    def _programs(compiled: "CompiledModel") -> dict[str, RegionProgram]:
+        """Every region's captured graphs; the logits region's serving form where the ``serve`` pass built one."""
+        programs = {name: RegionProgram(r.fw, r.bw, TOKEN_INPUTS[name.split(".")[0]])
+                    for name, r in compiled.regions.items()}
+        serving = next((getattr(rec.report, "logits", None) for rec in reversed(compiled.passes)
+                        if rec.name == "serve"), None)
+        if serving is not None:
+            programs["logits"] = RegionProgram(serving, None, TOKEN_INPUTS["logits"])
+        return programs
 
     def layer_prefix(self, i: int) -> str:
         """Name prefix of decoder layer i's parameters in ``model.named_parameters()``."""
