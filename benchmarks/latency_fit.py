@@ -64,26 +64,27 @@ class _Timer:
 
 
 def backward_samples(latency) -> list[dict]:
-    """The profile's backward-only samples: layers, tokens per layer and seconds (the feature rows scale layer
-    counts and layer tokens by 1 / num_layers)."""
-    i_tok, i_lay = FEATURES.index("ft_backward_layer_tokens"), FEATURES.index("ft_backward_layers")
+    """The profile's backward-only samples: layers, tokens per layer, whether the loss head ran, and seconds
+    (the feature rows scale layer counts and layer tokens by 1 / num_layers)."""
+    i_tok, i_lay, i_loss = (FEATURES.index(f) for f in ("ft_backward_layer_tokens", "ft_backward_layers",
+                                                         "ft_loss_tokens"))
     out = []
     for row, seconds in latency.samples:
-        if row[i_lay] > 0 and not any(row[j] for j in range(1, len(FEATURES)) if j not in (i_tok, i_lay)):
+        if row[i_lay] > 0 and not any(row[j] for j in range(1, len(FEATURES)) if j not in (i_tok, i_lay, i_loss)):
             layers = round(row[i_lay] * latency.num_layers)
             out.append({"layers": layers, "tokens": round(row[i_tok] * latency.num_layers / layers),
-                        "seconds": round(seconds, 4)})
+                        "loss_head": bool(row[i_loss]), "seconds": round(seconds, 4)})
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rate", type=float, default=0.125, help="arrival rate, requests/s")
+    ap.add_argument("--rate", type=float, default=0.5, help="arrival rate, requests/s (flexc run's)")
     ap.add_argument("--duration", type=float, default=90.0, help="seconds of arrivals")
-    ap.add_argument("--tpot-slo", type=float, default=0.8, help="seconds")
+    ap.add_argument("--tpot-slo", type=float, default=0.25, help="seconds (flexc run's)")
     ap.add_argument("--ttft-slo", type=float, default=5.0, help="seconds, queueing included")
     ap.add_argument("--token-budget", type=int, default=256, help="tokens per iteration")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/latency_fit.json")
     args = ap.parse_args()
@@ -93,7 +94,8 @@ def main() -> None:
     coef = [float(c) for c in engine.latency.profiled]
     grid = backward_samples(engine.latency)
     for g in grid:
-        print(f"profile: backward window of {g['layers']} layer(s) over {g['tokens']} tokens: {g['seconds']:.3f} s")
+        print(f"profile: backward window of {g['layers']} layer(s) over {g['tokens']} tokens"
+              f"{' with the loss head' if g['loss_head'] else ''}: {g['seconds']:.3f} s")
     h0 = len(engine.metrics().history)
     timers = {"layer windows": _Timer(FinetuneSequence, "backward_window"),
               "job per-window work": _Timer(FinetuneJob, "on_window"),

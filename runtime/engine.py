@@ -36,7 +36,7 @@ from flexc.runtime.batch import ExecutorOutput, SamplingParams, SchedulerOutput,
 from flexc.runtime.checkpoint import save_peft_adapter
 from flexc.runtime.dataset import load_jsonl
 from flexc.runtime.finetune import FinetuneConfig, FinetuneJob, FinetuneQueue
-from flexc.runtime.latency import LatencyModel, forward_work, iteration_work
+from flexc.runtime.latency import IterationWork, LatencyModel, forward_work, iteration_work
 from flexc.runtime.latency_checks import flop_costs, profile_context
 from flexc.runtime.policies import make_policy
 from flexc.runtime.profiling import compile_serving_graphs, load_or_profile, profile_latency
@@ -191,13 +191,13 @@ class Engine:
                 raise RuntimeError(self._stall_message())
             return []
         self._stalled = 0
-        ft = self.finetune_queue.sequences      # NOTE: lengths before the bookkeeping drops finished sequences
-        lengths = {sid: ft[sid].length if sid in ft else 0 for sid in batch.finetune_backward}
+        # NOTE: before it runs: the bookkeeping drops finished sequences, and a first window runs the loss head
+        work = iteration_work(batch, len(self.executor.runner.layers), self.finetune_queue.sequences)
         result, ft_done = self._run_batch(batch)
         updates = self.scheduler.update_from_output(batch, result)
         self.executor.synchronize()             # NOTE: backward windows queue device work no token waits on
         now = self.clock()
-        self._record(batch, lengths, t0, now - t0, len(updates), ft_done)
+        self._record(batch, work, t0, now - t0, len(updates), ft_done)
         events = []
         for u in updates:
             t = self.requests.get(u.req_id)
@@ -241,9 +241,7 @@ class Engine:
                 done += fs.length if fs.done else 0
         return done
 
-    def _record(self, batch, lengths: dict[str, int], t0: float, seconds: float, generated: int,
-                ft_done: int) -> None:
-        work = iteration_work(batch, len(self.executor.runner.layers), lengths)
+    def _record(self, batch, work: IterationWork, t0: float, seconds: float, generated: int, ft_done: int) -> None:
         policy = self.scheduler.policy
         model = getattr(policy, "latency", None) or self.latency        # the model the policy plans with
         predicted = inference = profiled = None
@@ -278,7 +276,9 @@ class Engine:
 
     def _profile_latency(self) -> list:
         """One start-up profile's samples (a tensor-parallel engine has every rank time the same grid)."""
-        return profile_latency(self.executor, self.kv, self.vocab_size, self.max_model_len)
+        return profile_latency(self.executor, self.kv, self.vocab_size, self.max_model_len,
+                               new_job=lambda adapter, data: self._new_job("__profile_job", data, adapter,
+                                                                            FinetuneConfig()))
 
     def finetune(self, dataset: Any, *, adapter: str = "default", init_adapter: Optional[str] = None,
                  optimizer: str = "adamw", lr: float = 1e-4, steps: Optional[int] = None, epochs: int = 1,
@@ -303,15 +303,19 @@ class Engine:
                 self.load_adapter(adapter, init_adapter)
             else:
                 self.load_adapter(adapter, seed=seed)
+        job = self._new_job(f"job-{next(self._job_ids)}", data, adapter, cfg)
+        self.finetune_queue.add(job)
+        return job
+
+    def _new_job(self, job_id: str, data: list, adapter: str, cfg: FinetuneConfig) -> OwnCoordinatesJob:
+        """A job training resident adapter ``adapter`` on ``data`` (not queued)."""
         layouts = make_layouts(self.executor.runner)
         shards = self.executor.runner.shards
         weights = self.adapters.get(adapter).weights      # NOTE: the live tensors (views of its stack slot)
         # NOTE: trained in the adapter's own coordinates (its rank, targets, scaling): PEFT's optimizer steps
-        job = OwnCoordinatesJob(f"job-{next(self._job_ids)}", data, self.adapters, adapter, cfg,
-                                lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid, adapter=weights),
-                                all_ranks=shards.all_true if shards is not None else None)
-        self.finetune_queue.add(job)
-        return job
+        return OwnCoordinatesJob(job_id, data, self.adapters, adapter, cfg,
+                                 lambda s, scale, sid: FinetuneSequence(s, layouts, scale, sid, adapter=weights),
+                                 all_ranks=shards.all_true if shards is not None else None)
 
     def cancel_finetune(self, job: FinetuneJob, reason: str = "cancelled") -> None:
         """Stop ``job`` now (failed with ``reason``): its sequence frees its KV blocks, the queue forgets it."""

@@ -7,6 +7,7 @@ of iteration time in the work the batch contains:
     t = c0 + c_decode * decode_tokens + c_prefill * prefill_tokens
            + c_attn * attention_pairs + c_ft_fwd * ft_forward_tokens
            + c_ft_bwd * ft_backward_layer_tokens / num_layers + c_bwd_layer * ft_backward_layers / num_layers
+           + c_loss * ft_loss_tokens + c_seg * lora_segments + c_fwd * forward_pass + c_multi * multi_token
 
 One iteration is ONE pass over the weights for every token (the serving graphs
 run inference and finetuning rows together), so a finetuning forward token
@@ -14,7 +15,18 @@ costs its marginal compute only: there is no fixed cost per finetuning pass.
 ``attention_pairs`` (sum over prefill/finetuning chunks of new tokens times
 context length) carries the quadratic part of attention; the backward windows
 run apart, per layer, so a backward layer call has a fixed cost of its own
-besides its per-token work. Coefficients are fitted by non-negative least
+besides its per-token work. A sequence's first backward window also runs the
+LM head's loss, forward and backward over the whole sequence
+(``ft_loss_tokens``: on SmolLM2 about as much as eight layers' backward). The
+LoRA branch runs once per adapter segment of the flat batch in every adapted
+projection (``lora_segments``): many small ops, a fixed cost per adapter in the
+batch that dominates on a CPU. ``forward_pass`` is 1 when the iteration runs the
+serving graphs at all (any forward token): their fixed cost (every layer's ops,
+the embedding, the logits), which an iteration of backward windows alone does
+not pay; ``multi_token`` is 1 when that pass has more than one token: a
+one-token batch runs every projection as a matrix-vector product, which costs
+less than the smallest matrix product (SmolLM2 fp32 on a 2-core CPU: 48 ms for
+one decode, 64 ms for two, 68 ms for four). Coefficients are fitted by non-negative least
 squares from a start-up profile, persisted as JSON, and refined online from
 every measured iteration (a bounded window of recent samples, refitted every
 few iterations).
@@ -39,18 +51,22 @@ import json
 import logging
 import math
 import os
-from typing import Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from flexc.runtime.batch import SchedulerOutput, ScheduledSequence, SeqKind
+
+if TYPE_CHECKING:
+    from flexc.runtime.sequence import SequenceProgress
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["IterationWork", "LatencyModel", "Drift", "FEATURES", "iteration_work", "forward_work"]
 
 FEATURES = ("const", "decode_tokens", "prefill_tokens", "attention_pairs", "ft_forward_tokens",
-            "ft_backward_layer_tokens", "ft_backward_layers")
+            "ft_backward_layer_tokens", "ft_backward_layers", "ft_loss_tokens", "lora_segments", "forward_pass",
+            "multi_token")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,11 +85,23 @@ class IterationWork:
     """Finetuning backward work: sequence tokens x layers whose backward runs in this iteration."""
     ft_backward_layers: int = 0
     """Layer backward calls (summed over the finetuning sequences' windows)."""
+    ft_loss_tokens: int = 0
+    """Tokens of the finetuning sequences whose loss head (forward and backward over the whole sequence) runs in
+    this iteration: those whose first backward window it is."""
+    lora_segments: int = 0
+    """Adapter segments in the flat batch (its distinct adapters; rows without one form none)."""
 
     def features(self, num_layers: int) -> np.ndarray:
         n = max(num_layers, 1)
         return np.array([1.0, self.decode_tokens, self.prefill_tokens, self.attention_pairs,
-                         self.ft_forward_tokens, self.ft_backward_layer_tokens / n, self.ft_backward_layers / n])
+                         self.ft_forward_tokens, self.ft_backward_layer_tokens / n, self.ft_backward_layers / n,
+                         self.ft_loss_tokens, self.lora_segments, float(self.forward_tokens > 0),
+                         float(self.forward_tokens > 1)])
+
+    @property
+    def forward_tokens(self) -> int:
+        """Tokens of the flat batch the serving graphs run (inference and finetuning)."""
+        return self.decode_tokens + self.prefill_tokens + self.ft_forward_tokens
 
     def __add__(self, other: "IterationWork") -> "IterationWork":
         return IterationWork(**{f: getattr(self, f) + getattr(other, f) for f in _WORK_FIELDS})
@@ -300,11 +328,6 @@ class LatencyModel:
             free[bad] = False
         self.coef = coef
 
-    def max_units(self, base: IterationWork, budget_s: float, unit: IterationWork, limit: int) -> int:
-        """Largest n <= limit such that ``base + n * unit`` is predicted within ``budget_s`` (0 if none fits)."""
-        return self.max_fit(base, budget_s, lambda n: IterationWork(
-            **{f.name: n * getattr(unit, f.name) for f in dataclasses.fields(unit)}), limit)
-
     def max_fit(self, base: IterationWork, budget_s: float, extra: Callable[[int], IterationWork],
                 limit: int) -> int:
         """Largest n <= limit such that ``base + extra(n)`` is predicted within ``budget_s`` (0 if none fits);
@@ -359,15 +382,22 @@ class LatencyModel:
             raise ValueError(f"{path}: not a flexc latency model ({e})") from e
 
 
-def iteration_work(batch: SchedulerOutput, num_layers: int, lengths: dict[str, int]) -> IterationWork:
-    """The latency model's description of a scheduled batch (``lengths``: finetuning sequence lengths)."""
-    bwd = sum(k * lengths.get(sid, 0) for sid, k in batch.finetune_backward.items())
-    return forward_work(batch.seqs) + IterationWork(ft_backward_layer_tokens=bwd,
+def iteration_work(batch: SchedulerOutput, num_layers: int,
+                   sequences: Mapping[str, "SequenceProgress"]) -> IterationWork:
+    """The latency model's description of a scheduled batch, taken before it runs (``sequences``: the finetuning
+    sequences by id; a backward window of a sequence whose loss head has not run yet runs it)."""
+    bwd = loss = 0
+    for sid, k in batch.finetune_backward.items():
+        fs = sequences.get(sid)
+        if fs is not None and k > 0:
+            bwd += k * fs.length
+            loss += 0 if fs.head_done else fs.length
+    return forward_work(batch.seqs) + IterationWork(ft_backward_layer_tokens=bwd, ft_loss_tokens=loss,
                                                   ft_backward_layers=sum(batch.finetune_backward.values()))
 
 
 def forward_work(seqs: list[ScheduledSequence]) -> IterationWork:
-    """The forward part: tokens by kind and the attention pairs of every chunk."""
+    """The forward part: tokens by kind, the attention pairs of every chunk and the adapter segments."""
     dec = pre = ft = pairs = 0
     for s in seqs:
         n = len(s.token_ids)
@@ -378,4 +408,5 @@ def forward_work(seqs: list[ScheduledSequence]) -> IterationWork:
         else:
             pre += n
         pairs += n * (s.num_computed_tokens + n) if n > 1 else 0
-    return IterationWork(decode_tokens=dec, prefill_tokens=pre, attention_pairs=pairs, ft_forward_tokens=ft)
+    return IterationWork(decode_tokens=dec, prefill_tokens=pre, attention_pairs=pairs, ft_forward_tokens=ft,
+                         lora_segments=len({s.adapter_id for s in seqs if s.adapter_id is not None}))

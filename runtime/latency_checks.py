@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["ProfileContext", "profile_context", "FlopCosts", "flop_costs", "check_fit", "correct_fit",
            "PER_TOKEN"]
 
-PER_TOKEN = ("decode_tokens", "prefill_tokens", "ft_forward_tokens", "ft_backward_layer_tokens")
+PER_TOKEN = ("decode_tokens", "prefill_tokens", "ft_forward_tokens", "ft_backward_layer_tokens", "ft_loss_tokens")
 """The features whose coefficient is the cost of one token's work (each must be positive)."""
 
 _MIN_SAMPLES = len(FEATURES) + 2
@@ -111,7 +111,7 @@ class FlopCosts:
     per_unit: dict[str, float]
     """Feature name -> FLOPs of one unit (a decode token: embedding, every layer, head and logits; a prefill
     token: embedding and every layer; a finetuning forward token: like decode; a backward unit: one token's
-    backward through every layer)."""
+    backward through every layer; a loss token: the head region's forward and backward)."""
     min_flops_per_s: float
     """Slowest plausible throughput (FLOP/s); a coefficient implying less is implausible."""
     max_flops_per_s: float
@@ -137,7 +137,8 @@ def flop_costs(compiled: "CompiledModel", device: torch.device) -> FlopCosts:
     embed = fwd.get("embed", 0.0)
     head = fwd.get("head", 0.0) + fwd.get("logits", 0.0)
     per_unit = {"decode_tokens": embed + layers_fwd + head, "prefill_tokens": embed + layers_fwd,
-                "ft_forward_tokens": embed + layers_fwd + head, "ft_backward_layer_tokens": layers_bwd}
+                "ft_forward_tokens": embed + layers_fwd + head, "ft_backward_layer_tokens": layers_bwd,
+                "ft_loss_tokens": fwd.get("head", 0.0) + bwd.get("head", 0.0)}
     gpu = device.type == "cuda"
     # NOTE: generous on purpose: small models are dominated by per-op overhead (few FLOPs, many microseconds),
     # large ones by compute; only absurd values (free work, a token taking seconds of a fast machine) fall out

@@ -170,9 +170,10 @@ class CoServePolicy:
         if fs.forward_remaining > 0:
             limit = min(_tokens_left(sched, seqs), fs.forward_remaining)
             start = fs.forward_pos
+            segment = int(job.adapter_name not in {s.adapter_id for s in seqs})     # its adapter's LoRA branch
             # NOTE: the chunk's attention (its tokens x the context it sees) grows with its position
             n = self.latency.max_fit(base, self.fill_s, lambda m: IterationWork(
-                ft_forward_tokens=m, attention_pairs=m * (start + m)), limit)
+                ft_forward_tokens=m, attention_pairs=m * (start + m), lora_segments=segment), limit)
             if idle:
                 n = limit          # NOTE: no request to protect: as much as finetune_only would run
             n = max(n, floor)
@@ -180,8 +181,9 @@ class CoServePolicy:
                 _add_forward(sched, job, fs, n, seqs)
         elif fs.in_backward and not fs.done:
             left = fs.next_backward_layer + 1
-            k = self.latency.max_units(base, self.fill_s,
-                                       IterationWork(ft_backward_layer_tokens=fs.length, ft_backward_layers=1), left)
+            loss = 0 if fs.head_done else fs.length           # NOTE: the first window runs the loss head too
+            k = self.latency.max_fit(base, self.fill_s, lambda m: IterationWork(
+                ft_backward_layer_tokens=m * fs.length, ft_backward_layers=m, ft_loss_tokens=loss), left)
             if idle:
                 k = left
             elif self.min_finetune_share > 0:

@@ -37,7 +37,6 @@ from flexc.runtime.dataset import load_jsonl
 from flexc.runtime.engine import Engine, EngineConfig
 from flexc.runtime.finetune import FinetuneJob
 from flexc.runtime.launch import ParallelDims, init_tp, start_workers
-from flexc.runtime.profiling import profile_latency
 from flexc.runtime.protocol import Op, RankMessage, broadcast_message
 from flexc.runtime.tp_runner import TPRegionRunner
 
@@ -161,7 +160,7 @@ _HANDLERS: dict[Op, Callable[[TPEngine, RankMessage], Any]] = {
     Op.ADD_ADAPTER_TENSORS: lambda e, m: e.add_adapter_tensors(**m.args),
     Op.FINETUNE: lambda e, m: e.finetune(**m.args),
     Op.SAVE_ADAPTER: lambda e, m: e.save_adapter(**m.args),
-    Op.PROFILE: lambda e, m: profile_latency(e.executor, e.kv, e.vocab_size, e.max_model_len),
+    Op.PROFILE: lambda e, m: super(TPEngine, e)._profile_latency(),     # the grid rank 0 times, without telling
 }
 """What a worker does for each message (``STOP`` ends :func:`run_worker`)."""
 

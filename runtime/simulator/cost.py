@@ -20,7 +20,7 @@ the 16 GB of weights and 4.2 GB of K/V: about 13 ms.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from flexc.ir.spec import KVCacheSpec, parse_dtype
 from flexc.runtime.batch import SchedulerOutput, SeqKind
@@ -28,9 +28,6 @@ from flexc.runtime.latency import IterationWork, LatencyModel
 from flexc.runtime.simulator.hardware import GPU
 from flexc.runtime.simulator.roofline import (AttentionCost, CollectiveTable, KernelTable,
                                               attention_cost, collective_table, kernel_table)
-
-if TYPE_CHECKING:
-    from flexc.runtime.sequence import SequenceProgress
 
 __all__ = ["IterationDetail", "CostModel", "MeasuredCost", "RooflineCost", "iteration_detail", "kv_bytes_per_token",
            "kv_capacity"]
@@ -46,12 +43,10 @@ class IterationDetail:
     """Sum over prefill and finetuning chunks of context + new tokens (the K/V each chunk reads once)."""
     sampled_tokens: int = 0
     """Tokens whose logits are computed (decodes and the last chunk of each prompt)."""
-    head_tokens: int = 0
-    """Tokens of finetuning sequences whose loss head (forward and backward) runs in this iteration."""
 
 
-def iteration_detail(batch: SchedulerOutput, sequences: Mapping[str, "SequenceProgress"]) -> IterationDetail:
-    """The detail of ``batch`` (before it runs; ``sequences``: the finetuning sequences by id)."""
+def iteration_detail(batch: SchedulerOutput) -> IterationDetail:
+    """The detail of ``batch`` (the loss heads it runs are :class:`IterationWork`'s ``ft_loss_tokens``)."""
     dec = chunk = sampled = 0
     for s in batch.seqs:
         n = len(s.token_ids)
@@ -60,10 +55,7 @@ def iteration_detail(batch: SchedulerOutput, sequences: Mapping[str, "SequencePr
         else:
             chunk += s.num_computed_tokens + n
         sampled += bool(s.sample)
-    head = sum(sequences[sid].length for sid, k in batch.finetune_backward.items()
-               if k > 0 and sid in sequences and not sequences[sid].head_done)
-    return IterationDetail(decode_context_tokens=dec, chunk_context_tokens=chunk, sampled_tokens=sampled,
-                           head_tokens=head)
+    return IterationDetail(decode_context_tokens=dec, chunk_context_tokens=chunk, sampled_tokens=sampled)
 
 
 class CostModel(Protocol):
@@ -163,10 +155,10 @@ class RooflineCost:
                 raise ValueError("this model was compiled without LoRA: it has no backward graphs to price")
             length = work.ft_backward_layer_tokens / work.ft_backward_layers
             out["backward"] = self._memo("backward", length, self._backward_layer) * work.ft_backward_layers
-        if detail.head_tokens:
+        if work.ft_loss_tokens:
             if self.head is None:
                 raise ValueError("this model was compiled without LoRA: it has no loss head to price")
-            out["head"] = self._memo("head", detail.head_tokens,
+            out["head"] = self._memo("head", work.ft_loss_tokens,
                                      lambda n: sum(k.seconds(n, *self._rates) for k in self.head))
         return out
 

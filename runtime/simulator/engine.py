@@ -120,10 +120,8 @@ class SimulatedEngine(Engine):
     def _run_batch(self, batch: SchedulerOutput) -> tuple[ExecutorOutput, int]:
         """The engine's own execution and bookkeeping, then the clock moves by the cost of the batch (priced
         before the bookkeeping drops sequences that finish in it)."""
-        seqs = self.finetune_queue.sequences
-        lengths = {sid: seqs[sid].length for sid in batch.finetune_backward if sid in seqs}
-        work = iteration_work(batch, len(self.executor.runner.layers), lengths)
-        detail = iteration_detail(batch, seqs)
+        work = iteration_work(batch, len(self.executor.runner.layers), self.finetune_queue.sequences)
+        detail = iteration_detail(batch)
         out = super()._run_batch(batch)
         self.sim_clock.advance(self.cost.seconds(work, detail))
         return out
@@ -166,8 +164,8 @@ def profile_samples(cost: CostModel, *, token_budget: int, seq_len: int, num_lay
                                             chunk_context_tokens=pos + n)))
     for length in (max(1, seq_len // 4), seq_len):
         for k, head in ((1, True), (1, False), (max(1, num_layers // 2), False)):
-            out.append((IterationWork(ft_backward_layer_tokens=k * length, ft_backward_layers=k),
-                        IterationDetail(head_tokens=length if head else 0)))
+            out.append((IterationWork(ft_backward_layer_tokens=k * length, ft_backward_layers=k,
+                                      ft_loss_tokens=length if head else 0), IterationDetail()))
     return out
 
 

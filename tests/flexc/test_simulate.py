@@ -13,7 +13,7 @@ def test_simulate_writes_table_json_and_figure(tmp_path, capsys):
     is a row of the table and of the JSON; the figure is written."""
     cfg = write_config(tmp_path, "llama")
     profile = tmp_path / "latency.json"
-    LatencyModel(3, coef=[0.05, 1e-3, 1e-3, 0.0, 1e-3, 1e-3, 0.0]).save(str(profile))
+    LatencyModel(3, coef=[0.05, 1e-3, 1e-3, 0.0, 1e-3, 1e-3, 0.0, 0.0, 0.0, 0.0, 0.0]).save(str(profile))
     out, png = tmp_path / "sim.json", tmp_path / "sim.png"
     assert main(["simulate", "--model", cfg, "--rates", "0.5,1", "--policies", "coserve,separate", "--duration",
                  "20", "--latency-profile", str(profile), "--tpot-slo", "0.2", "--seq-len", "128",

@@ -8,7 +8,8 @@ from flexc.runtime.latency import FEATURES, IterationWork, LatencyModel
 def _truth(w: IterationWork) -> float:
     return (0.004 + 2e-4 * w.decode_tokens + 1e-4 * w.prefill_tokens + 1e-8 * w.attention_pairs
             + 3e-4 * w.ft_forward_tokens + 6e-4 * w.ft_backward_layer_tokens / 10
-            + 2e-3 * w.ft_backward_layers / 10)
+            + 2e-3 * w.ft_backward_layers / 10 + 4e-4 * w.ft_loss_tokens + 3e-3 * w.lora_segments
+            + 0.02 * (w.forward_tokens > 0) + 0.01 * (w.forward_tokens > 1))
 
 
 def _samples(n, seed=0, noise=0.0):
@@ -18,7 +19,16 @@ def _samples(n, seed=0, noise=0.0):
         w = IterationWork(decode_tokens=int(rng.integers(0, 64)), prefill_tokens=int(rng.integers(0, 256)),
                           attention_pairs=int(rng.integers(0, 200_000)), ft_forward_tokens=int(rng.integers(0, 256)),
                           ft_backward_layer_tokens=int(rng.integers(0, 5000)),
-                          ft_backward_layers=int(rng.integers(0, 10)))
+                          ft_backward_layers=int(rng.integers(0, 10)), ft_loss_tokens=int(rng.integers(0, 300)),
+                          lora_segments=int(rng.integers(0, 4)))
+        kind = rng.random()
+        if kind < 0.25:                     # backward windows alone: no forward pass
+            w = IterationWork(ft_backward_layer_tokens=w.ft_backward_layer_tokens,
+                              ft_backward_layers=w.ft_backward_layers, ft_loss_tokens=w.ft_loss_tokens)
+        elif kind < 0.4:                    # one decode token (beside the windows)
+            w = IterationWork(decode_tokens=1, ft_backward_layer_tokens=w.ft_backward_layer_tokens,
+                              ft_backward_layers=w.ft_backward_layers, ft_loss_tokens=w.ft_loss_tokens,
+                              lora_segments=min(w.lora_segments, 1))
         out.append((w, _truth(w) * (1 + noise * rng.standard_normal())))
     return out
 
@@ -34,12 +44,15 @@ def test_admitted_finetuning_tokens_stay_within_budget():
     """The finetuning tokens the model admits keep the predicted time under the budget, one more does not;
     each costs its marginal compute only (n tokens beside decodes cost n times one token's increment)."""
     m = LatencyModel(num_layers=10).fit(_samples(60))
-    base, unit = IterationWork(decode_tokens=16), IterationWork(ft_forward_tokens=1)
-    n = m.max_units(base, 0.045, unit, limit=10_000)
+    base = IterationWork(decode_tokens=16)
+
+    def unit(k: int) -> IterationWork:
+        return IterationWork(ft_forward_tokens=k)
+    n = m.max_fit(base, 0.045, unit, limit=10_000)
     assert 0 < n < 10_000
     assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n)) <= 0.045
     assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n + 1)) > 0.045
-    assert m.max_units(IterationWork(decode_tokens=10_000), 0.045, unit, 100) == 0
+    assert m.max_fit(IterationWork(decode_tokens=10_000), 0.045, unit, 100) == 0
     one = m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=1)) - m.predict(base)
     assert m.predict(IterationWork(decode_tokens=16, ft_forward_tokens=n)) - m.predict(base) == \
         pytest.approx(n * one, rel=1e-9)
@@ -66,7 +79,7 @@ def test_save_load_roundtrip(tmp_path):
     bad.write_text('{"features": ["x"], "coef": [1], "num_layers": 2}')
     with pytest.raises(ValueError, match="not a flexc latency model"):
         LatencyModel.load(str(bad))
-    assert len(FEATURES) == 7 and "ft_forward_passes" not in FEATURES
+    assert len(FEATURES) == 11 and "ft_forward_passes" not in FEATURES
 
 
 def test_drift_is_reported_once_and_followed(caplog):

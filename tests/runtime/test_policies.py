@@ -37,7 +37,7 @@ def _data(n, seed=0):
 
 def _policy(num_layers):
     # seconds: decode 0.01/token, prefill 0.01/token, finetuning forward 0.01/token, backward 0.002 * tokens * layers
-    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers, 0.0])
+    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers, 0.0, 0.0, 0.0, 0.0, 0.0])
     return CoServePolicy(lat, tpot_slo=0.1)
 
 
@@ -220,7 +220,7 @@ def test_finetuning_progresses_under_the_floor(setup, share, one_thread):
     whole optimizer step while every iteration also decodes; without a floor (0) no finetuning runs beside
     inference. Every miss is put down to inference (its part alone is predicted over the SLO)."""
     src, spec, cm = setup
-    lat = LatencyModel(3, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.006, 0.0])
+    lat = LatencyModel(3, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.006, 0.0, 0.0, 0.0, 0.0, 0.0])
     engine, job, rids = _busy_engine(cm, src, spec, CoServePolicy(lat, tpot_slo=1e-6, min_finetune_share=share),
                                      tpot_slo=1e-6)
     for _ in range(60 if share else 16):
@@ -253,7 +253,7 @@ def test_wrong_profiles_refused_or_corrected(setup, tmp_path, one_thread):
     path = str(tmp_path / "lat.json")
     ctx = profile_context(cm, dtype=torch.float32, device=torch.device("cpu"), backend="eager")
     costs = flop_costs(cm, torch.device("cpu"))
-    bad = LatencyModel(3, [0.36, 1e-3, 1e-3, 0.0, 0.0, 0.0, 0.0])
+    bad = LatencyModel(3, [0.36, 1e-3, 1e-3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     bad.set_profile(bad.coef, [(w.features(3), 0.36) for w in
                                (IterationWork(decode_tokens=d, prefill_tokens=p) for d in (1, 8, 32) for p in range(6))])
     bad.save(path, ctx.to_dict())

@@ -14,11 +14,11 @@ from tests.runtime.test_latency import _samples, _truth
 
 # FLOPs per unit at which the true costs of _truth imply 1e10 FLOP/s each
 COSTS = FlopCosts(per_unit={"decode_tokens": 2e6, "prefill_tokens": 1e6, "ft_forward_tokens": 3e6,
-                            "ft_backward_layer_tokens": 6e6}, min_flops_per_s=1e5, max_flops_per_s=1e14,
-                  typical_flops_per_s=1e9)
+                            "ft_backward_layer_tokens": 6e6, "ft_loss_tokens": 4e6}, min_flops_per_s=1e5,
+                  max_flops_per_s=1e14, typical_flops_per_s=1e9)
 CTX = ProfileContext(model="tiny", graph="0123456789abcdef", dtype="torch.float32", torch_threads=2, device="cpu",
                      torch_version="2.13.0", backend="eager", machine="Some CPU x2")
-TRUE = np.array([0.004, 2e-4, 1e-4, 1e-8, 3e-4, 6e-4, 2e-3])
+TRUE = np.array([0.004, 2e-4, 1e-4, 1e-8, 3e-4, 6e-4, 2e-3, 4e-4, 3e-3, 0.02, 0.01])
 
 
 class Profiler:
@@ -58,7 +58,7 @@ def test_degenerate_profile_refused_then_corrected(tmp_path, caplog):
     prices the backward at 0 is profiled PROFILE_ATTEMPTS times, then corrected from the FLOPs (the sane costs'
     seconds per FLOP: the true backward cost here) with a warning, and not saved."""
     path = str(tmp_path / "lat.json")
-    bad = LatencyModel(10, [0.36, 2e-4, 1e-4, 0.0, 0.0, 0.0, 0.0])
+    bad = LatencyModel(10, [0.36, 2e-4, 1e-4, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     bad.set_profile(bad.coef, [(w.features(10), 0.36) for w, _ in _samples(18)])
     bad.save(path, CTX.to_dict())
     before = open(path).read()

@@ -17,7 +17,7 @@ from flexc.runtime.simulator.workload import SequenceShape
 from tests.utils import write_config
 
 LAYERS = 3
-COEF = [0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * LAYERS, 0.0]
+COEF = [0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * LAYERS, 0.0, 0.0, 0.0, 0.0, 0.0]
 """A fixed latency model (seconds per decode/prefill/finetuning token, backward per token and layer)."""
 
 
@@ -101,7 +101,7 @@ def test_same_scheduler_same_batches(compiled, name):
 def test_simulated_clock_moves_by_the_cost():
     """Each simulated iteration advances the clock by the cost model's seconds for its batch; tokens are stamped
     with it (TTFT and TPOT of a lone request are the iterations' costs)."""
-    cost = MeasuredCost(LatencyModel(LAYERS, coef=[0.05, 0.01, 0.001, 0.0, 0.0, 0.0, 0.0]))
+    cost = MeasuredCost(LatencyModel(LAYERS, coef=[0.05, 0.01, 0.001, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
     sim = SimulatedEngine(num_layers=LAYERS, cost=cost, latency=LatencyModel(LAYERS), policy="inference_only",
                           config=EngineConfig(token_budget=64, block_size=4), kv_blocks=64, max_model_len=512)
     rid = sim.submit_spec(20, 3, "r0")
@@ -128,8 +128,8 @@ def test_simulated_sequence_progress():
 
 def test_policy_latency_fit_reproduces_a_linear_cost():
     """The start-up fit over the simulated profile recovers a cost that is linear in the runtime's features."""
-    truth = LatencyModel(LAYERS, coef=[0.01, 2e-4, 5e-5, 1e-9, 6e-5, 3e-4, 0.0])
+    truth = LatencyModel(LAYERS, coef=[0.01, 2e-4, 5e-5, 1e-9, 6e-5, 3e-4, 0.0, 1e-4, 0.0, 0.02, 0.005])
     fitted = fit_policy_latency(MeasuredCost(truth), num_layers=LAYERS, token_budget=64, seq_len=512)
     w = IterationWork(decode_tokens=7, prefill_tokens=30, attention_pairs=900, ft_forward_tokens=20,
-                      ft_backward_layer_tokens=300, ft_backward_layers=1)
+                      ft_backward_layer_tokens=300, ft_backward_layers=1, ft_loss_tokens=300)
     assert fitted.predict(w) == pytest.approx(truth.predict(w), rel=1e-6)

@@ -6,7 +6,7 @@ from flexc.runtime.simulator.run import SimulationConfig, _engine, measured_inst
 from flexc.runtime.simulator.workload import RequestSpec, SequenceShape
 
 LAYERS = 4
-SLOW = LatencyModel(LAYERS, coef=[0.05, 1e-3, 1e-3, 0.0, 1e-3, 1e-4, 0.0])
+SLOW = LatencyModel(LAYERS, coef=[0.05, 1e-3, 1e-3, 0.0, 1e-3, 1e-4, 0.0, 0.0, 0.0, 0.0, 0.0])
 """50 ms an iteration before any token: above the 10 ms TPOT target below, so no finetuning ever fits beside
 inference."""
 

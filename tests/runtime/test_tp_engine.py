@@ -26,7 +26,7 @@ TP = 2
 def _policy(num_layers: int) -> CoServePolicy:
     # NOTE: a fixed latency model (the engine observes its own, not this one): the co-serving policy then
     # schedules the same chunks and backward windows on every run, whatever the machine's timings
-    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers, 0.0])
+    lat = LatencyModel(num_layers, coef=[0.0, 0.01, 0.01, 0.0, 0.01, 0.002 * num_layers, 0.0, 0.0, 0.0, 0.0, 0.0])
     return CoServePolicy(lat, tpot_slo=0.1)
 
 
