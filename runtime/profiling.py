@@ -14,8 +14,8 @@ What the grid covers (``benchmarks/latency_fit.py`` measures the fit per kind of
 load): every feature of :class:`~flexc.runtime.latency.IterationWork` varies on its own somewhere in it, the
 finetuning sequences are a scratch job's on a scratch adapter (so a backward window is timed with the job's
 gradient accumulation and, after a sequence's last window, its optimizer step), and the first window of each
-runs the loss head. Known gaps: one-time costs of real requests (a new adapter's first use) and prefill chunks
-beside decodes are priced from chunks alone; the online refits and the drift rescaling correct what is left.
+runs the loss head. Known gap: iterations with prompt prefill chunks (rare in ``flexc run``'s load) took
+1.2-1.3x the profile's prediction in the runs measured; the online refits and the drift rescaling correct it.
 """
 from __future__ import annotations
 
