@@ -313,8 +313,10 @@ class LatencyModel:
         a = np.stack([f for f, _ in self._samples])
         b = np.array([t for _, t in self._samples])
         # NOTE: a feature no sample in the window has (no backward ran lately) keeps its coefficient: fitted as
-        # 0 it would make that work look free, and a policy would schedule all of it at once
-        free = np.abs(a).max(axis=0) > 0
+        # 0 it would make that work look free, and a policy would schedule all of it at once. So does one that is
+        # the same in every sample (forward_pass when every iteration ran the serving graphs): the fit cannot tell
+        # it from the constant, and a split it made up would misprice the kinds of iteration the window lacks
+        free = (np.abs(a).max(axis=0) > 0) & ((a.max(axis=0) > a.min(axis=0)) | (np.arange(a.shape[1]) == 0))
         coef = self.coef.copy()
         for _ in range(len(FEATURES)):
             coef[free] = _nnls_scaled(a[:, free], b - a[:, ~free] @ coef[~free])
