@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ import time
 
 import torch
 
+from results_json import write_result
 import flexc
 from flexc import main_job
 from flexc.ir.spec import LoraSpec
@@ -170,9 +170,7 @@ def main() -> None:
               "inductor_speedup_chunk": round(e["finetune_chunk_ms"] / i["finetune_chunk_ms"], 3),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "date": datetime.date.today().isoformat()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(args.out, result)
     print(f"inductor speed-up: decode {result['inductor_speedup_decode']}x, chunk {result['inductor_speedup_chunk']}x;"
           f" wrote {args.out}")
 

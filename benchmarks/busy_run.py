@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from results_json import write_result
 
 TAIL_LINES = 16
 
@@ -95,10 +96,7 @@ def main() -> int:
         f"{platform.system()}", "busy_loops": args.busy, "run_args": run_args, "out_dir": out_dir,
         "busy": busy, "quiet": quiet,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_result(args.out, result)
     for name, r in (("busy", busy), ("quiet", quiet)):
         label = f"{args.busy} busy loops" if name == "busy" else "nothing else started"
         print(f"== {name} run ({label}): exit status {r['exit_status']}, {r['wall_s']:.0f} s, load average "

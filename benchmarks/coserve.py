@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from results_json import write_result
 import flexc
 from flexc import main_job
 from flexc.runtime.engine import resolve_device
@@ -191,11 +192,8 @@ def main() -> None:
           f"(= {c['idle_allowance_tokens_per_s']}), {c['coserve_vs_temporal']}x temporal "
           f"({c['temporal_finetune_tokens_per_s']} tok/s); TPOT SLO attainment coserve "
           f"{c['coserve_tpot_slo_attainment']}, SLO attainment temporal {c['temporal_slo_attainment']}")
-    for path in (args.out, args.png):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
+    write_result(args.out, result)
     plot(rows, rates, args.png, title)
     print(f"wrote {args.out}, {args.png} ({result['total_seconds']:.0f} s in all)")
 

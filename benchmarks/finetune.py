@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import time
 
 import torch
 
+from results_json import write_result
 import flexc
 from flexc import main_job
 from flexc.ir.spec import LoraSpec
@@ -116,9 +116,7 @@ def main() -> None:
               "compile_seconds": {p: round(e.executor.compile_seconds, 2) for p, e in engines.items()},
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "date": datetime.date.today().isoformat()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(args.out, result)
     print(f"median flexc/HF+PEFT tokens/s: {ratio}  ({args.sequences} x {args.length} tokens, {args.rounds} "
           f"rounds, {args.threads} threads, backend {args.backend}); wrote {args.out}")
 

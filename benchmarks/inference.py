@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import time
 
 import torch
 
+from results_json import write_result
 import flexc
 from flexc.runtime.metrics import percentile
 
@@ -134,10 +134,7 @@ def main() -> None:
               f"{s['tpot_p50_ms']:>10}{s['tpot_p90_ms']:>8}{s['tpot_p99_ms']:>8}")
     print(f"flexc / transformers output tokens/s: {ratio:.2f}x; identical greedy outputs {same}/{len(outs)} "
           f"(left padding changes transformers' numerics slightly)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

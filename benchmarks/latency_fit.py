@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ import time
 
 import torch
 
+from results_json import write_result
 from coserve import build_engine
 from flexc import main_job
 from flexc.runtime.finetune import FinetuneJob
@@ -128,10 +128,7 @@ def main() -> None:
               "profile_backward_samples": grid, "backward_time": backward,
               "rows": rows, "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "date": datetime.date.today().isoformat()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_result(args.out, result)
     print(f"profiled coefficients {result['profiled_coefficients']}; wrote {args.out}")
 
 
