@@ -193,6 +193,9 @@ class LatencyModel:
         self._following = False
         self.saved_context: Optional[dict] = None
         """What a loaded profile says it was measured on (see :meth:`load`)."""
+        self.log_drift = True
+        """Whether a drift episode is logged (a simulated engine has no machine to be busy and turns it off;
+        :attr:`drift` is kept either way)."""
         self.source: Optional[str] = None
         """Where the profile came from: ``loaded``, ``profiled``, ``corrected`` (see
         :func:`~flexc.runtime.profiling.load_or_profile`), None when set otherwise."""
@@ -294,9 +297,10 @@ class LatencyModel:
         r = float(np.median(self._profiled_ratios))
         if self._drift is None and self._outside(r, self.drift_threshold):
             # NOTE: the profile's grid can also fit this load's iterations poorly (see runtime/profiling.py)
-            logger.warning("iterations take %.2fx the profiled time (median of the last %d): the machine is %s than "
-                           "when the latency model was profiled, or the profile fits this load's iterations poorly; "
-                           "the model adapts", r, self.drift_window, "slower (busy?)" if r > 1 else "faster")
+            log = logger.warning if self.log_drift else logger.debug
+            log("iterations take %.2fx the profiled time (median of the last %d): the machine is %s than when the "
+                "latency model was profiled, or the profile fits this load's iterations poorly; the model adapts",
+                r, self.drift_window, "slower (busy?)" if r > 1 else "faster")
             self._drift = Drift(ratio=r, window=self.drift_window, since=self.observations)
         elif self._drift is not None:
             if self._outside(r, self.drift_threshold / 2):

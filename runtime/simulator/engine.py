@@ -110,6 +110,7 @@ class SimulatedEngine(Engine):
         self.executor = SimulatedExecutor(num_layers)
         self.cost = cost
         self.sim_clock = SimClock()
+        latency.log_drift = False            # NOTE: a drift here is the linear model against the cost model, no machine
         self._init_loop(KVCacheManager(kv_blocks, config.block_size), latency, policy, clock=self.sim_clock)
 
     def submit_spec(self, prompt_tokens: int, output_tokens: int, request_id: str) -> str:

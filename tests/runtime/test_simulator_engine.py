@@ -1,4 +1,6 @@
 """The simulated engine is the engine with its executor swapped: the same scheduler code makes the same batches."""
+import logging
+
 import pytest
 import torch
 
@@ -110,6 +112,23 @@ def test_simulated_clock_moves_by_the_cost():
     assert res.ttft == pytest.approx(0.05 + 20 * 0.001)          # one prefill iteration of 20 tokens
     assert res.tpot == pytest.approx(0.05 + 0.01)                # then decodes of one token
     assert sim.sim_clock.now == pytest.approx(res.ttft + 2 * res.tpot)
+
+
+def test_simulated_engine_keeps_drift_out_of_the_log(caplog):
+    """A policy model that predicts twice the cost model's seconds: the simulated engine's model records the drift
+    (ratio about 0.5) but logs no warning about a machine (there is none)."""
+    coef = [0.05, 0.01, 0.001, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    latency = LatencyModel(LAYERS, coef=[2 * c for c in coef])
+    sim = SimulatedEngine(num_layers=LAYERS, cost=MeasuredCost(LatencyModel(LAYERS, coef=coef)), latency=latency,
+                          policy="inference_only", config=EngineConfig(token_budget=64, block_size=4), kv_blocks=64,
+                          max_model_len=512)
+    rid = sim.submit_spec(8, 40, "r0")
+    with caplog.at_level(logging.DEBUG, logger="flexc.runtime.latency"):
+        sim.run_until_idle()
+    assert len(sim.result(rid).token_ids) == 40
+    assert latency.drift is not None and latency.drift.ratio == pytest.approx(0.5, rel=0.05)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("profiled time" in r.message for r in caplog.records)
 
 
 def test_simulated_sequence_progress():
