@@ -88,8 +88,10 @@ class RegionRunner:
         """Every region's captured graphs; the logits region's serving form where the ``serve`` pass built one."""
         programs = {name: RegionProgram(r.fw, r.bw, TOKEN_INPUTS[name.split(".")[0]])
                     for name, r in compiled.regions.items()}
-        serving = next((getattr(rec.report, "logits", None) for rec in reversed(compiled.passes)
-                        if rec.name == "serve"), None)
+        try:
+            serving = getattr(compiled.pass_report("serve"), "logits", None)
+        except ValueError:                  # no serve pass ran: the captured logits graph
+            serving = None
         if serving is not None:
             programs["logits"] = RegionProgram(serving, None, TOKEN_INPUTS["logits"])
         return programs
